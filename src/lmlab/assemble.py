@@ -1,0 +1,140 @@
+"""Building a run's parts from a composed config, validating everything before compute.
+
+Order matters: every check that needs no data runs first (model shape, task ↔ family,
+PEFT targets on a weightless copy of the backbone, trainer/logger fields), then the data module
+trains or loads the tokenizer, then the real backbone is built with the tokenizer's vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.checkpoint import InitSource, load_init_source
+from lmlab.data import LMDataModule
+from lmlab.errors import ConfigError
+from lmlab.instantiate import check_node, instantiate_checked
+from lmlab.models import ModelConfig, build_backbone
+from lmlab.peft import PeftStrategy, build_peft_strategy
+from lmlab.tasks import TASKS
+
+
+@dataclass
+class RunParts:
+    model_config: ModelConfig
+    strategy: PeftStrategy
+    datamodule: LMDataModule
+    task: L.LightningModule
+    init_source: InitSource | None
+
+
+def to_container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def model_config_from(cfg: DictConfig, init: InitSource | None) -> ModelConfig:
+    if init is not None:
+        # The architecture is the checkpoint's; only settings that leave shapes alone follow cfg.
+        model_cfg = ModelConfig.from_dict(init.model_config)
+        user = to_container(cfg.model)
+        for key in ("dropout", "attn_impl"):
+            if key in user:
+                setattr(model_cfg, key, user[key])
+    else:
+        model_cfg = ModelConfig.from_dict(to_container(cfg.model))
+    return model_cfg
+
+
+def check_model(model_cfg: ModelConfig) -> None:
+    """Validate the architecture and build it without weights to catch impossible shapes."""
+    probe = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": max(model_cfg.vocab_size, 64)})
+    probe.validate()
+    with torch.device("meta"):
+        return build_backbone(probe)
+
+
+def check_task(cfg: DictConfig, model_cfg: ModelConfig) -> tuple[type, dict[str, Any]]:
+    task_cfg = dict(to_container(cfg.task))
+    name = task_cfg.pop("name", None)
+    if name not in TASKS:
+        raise ConfigError("task.name", name, sorted(TASKS), "unknown task")
+    cls, families, data_kinds = TASKS[name]
+    if model_cfg.family not in families:
+        raise ConfigError(
+            "task", name, [t for t, (_, fams, _) in TASKS.items() if model_cfg.family in fams],
+            f"task={name} needs a backbone of family {', '.join(families)}; model.family is "
+            f"{model_cfg.family!r}",
+        )
+    return cls, task_cfg
+
+
+def build_datamodule(cfg: DictConfig, init: InitSource | None, ckpt_tokenizer=None) -> LMDataModule:
+    tokenizer = ckpt_tokenizer or (init.tokenizer if init is not None else None)
+    dm = instantiate_checked(
+        cfg.data,
+        "data",
+        tokenizer=to_container(cfg.tokenizer),
+        seed=cfg.seed,
+        cache_dir=cfg.paths.cache_dir,
+        pretrained_tokenizer=tokenizer,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def check_lengths(dm: LMDataModule, model_cfg: ModelConfig) -> None:
+    needed = dm.max_sequence_length
+    if model_cfg.position == "learned" and needed > model_cfg.max_seq_len:
+        field = "data.seq_len" if hasattr(dm, "seq_len") else "model.max_seq_len"
+        value = getattr(dm, "seq_len", model_cfg.max_seq_len)
+        raise ConfigError(
+            field, value,
+            reason=f"sequences of {needed} tokens exceed model.max_seq_len={model_cfg.max_seq_len}, "
+            "which learned positions cannot go beyond; raise model.max_seq_len or lower data.seq_len",
+        )
+
+
+def build_parts(cfg: DictConfig, resume_tokenizer=None) -> RunParts:
+    init = load_init_source(cfg.init_from) if cfg.get("init_from") else None
+    model_cfg = model_config_from(cfg, init)
+    probe = check_model(model_cfg)
+    task_cls, task_kwargs = check_task(cfg, model_cfg)
+    strategy = build_peft_strategy(to_container(cfg.peft))
+    strategy.check(probe)
+    for group in ("optimizer", "scheduler"):
+        if cfg.get(group) is not None:
+            check_node(cfg[group], group, provided={"params", "optimizer", "total_steps"})
+
+    dm = build_datamodule(cfg, init, resume_tokenizer)
+    if dm.kind not in TASKS[cfg.task.name][2]:
+        raise ConfigError("data", type(dm).__name__, reason=f"task={cfg.task.name} cannot read {dm.kind} data")
+    check_lengths(dm, model_cfg)
+
+    model_cfg.vocab_size = dm.tokenizer.vocab_size
+    backbone = build_backbone(model_cfg)
+    if init is not None:
+        init.load_into(backbone)
+    backbone = strategy.apply(backbone)
+
+    optimizer = instantiate_checked(cfg.optimizer, "optimizer")
+    scheduler = instantiate_checked(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
+    if getattr(dm, "kind", None) == "pairs" and task_kwargs.get("max_new_tokens") is None:
+        task_kwargs["max_new_tokens"] = dm.max_target_length
+    task = task_cls(
+        backbone=backbone,
+        tokenizer=dm.tokenizer,
+        optimizer=optimizer if isinstance(optimizer, partial) else optimizer,
+        scheduler=scheduler,
+        checkpoint_metadata={
+            "model": model_cfg.to_dict(),
+            "peft": strategy.to_dict(),
+        },
+        **{k: v for k, v in task_kwargs.items() if v is not None},
+    )
+    return RunParts(model_cfg, strategy, dm, task, init)

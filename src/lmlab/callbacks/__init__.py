@@ -1,0 +1,5 @@
+"""Callbacks Lightning lacks."""
+
+from lmlab.callbacks.throughput import ThroughputMonitor
+
+__all__ = ["ThroughputMonitor"]

@@ -1,0 +1,94 @@
+"""What lmlab puts in a Lightning checkpoint besides weights, and reading it back.
+
+Checkpoints are self-contained: the model config, the PEFT method and the tokenizer's files
+travel inside (`checkpoint["lmlab"]`), so `init_from=<ckpt>` rebuilds the exact backbone and
+vocabulary without the original run directory. Everything in it is plain data (str, dict,
+tensors), which `torch.load(weights_only=True)` reads without unpickling code.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.peft import build_peft_strategy
+from lmlab.tokenizers import Tokenizer, load_tokenizer
+
+METADATA_KEY = "lmlab"
+BACKBONE_PREFIX = "backbone."
+
+
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def tokenizer_from_files(files: dict[str, str]) -> Tokenizer:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        return load_tokenizer(tmp)
+
+
+def read_checkpoint(path: str | Path, field: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(field, str(path), reason="no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, foreign pickle, not a checkpoint at all
+        raise ConfigError(field, str(path), reason=f"cannot be read as a checkpoint ({err})") from None
+    if METADATA_KEY not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(field, str(path), reason="not an lmlab checkpoint (no lmlab metadata)")
+    return ckpt
+
+
+@dataclass
+class InitSource:
+    """Weights, architecture and tokenizer of an earlier run, to start a new run from."""
+
+    path: Path
+    model_config: dict[str, Any]
+    peft: dict[str, Any]
+    tokenizer: Tokenizer
+    state_dict: dict[str, torch.Tensor]
+
+    def load_into(self, backbone: nn.Module) -> nn.Module:
+        """Copy the weights in. A source trained with adapters is loaded as such, then merged."""
+        source_strategy = build_peft_strategy(self.peft)
+        if source_strategy.can_merge:
+            source_strategy.apply(backbone)
+        missing, unexpected = backbone.load_state_dict(self.state_dict, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                "init_from", str(self.path),
+                reason=f"weights do not fit the backbone (missing {missing[:5]}, unexpected {unexpected[:5]})",
+            )
+        return source_strategy.merge(backbone)
+
+
+def load_init_source(path: str | Path) -> InitSource:
+    ckpt = read_checkpoint(path, "init_from")
+    meta = ckpt[METADATA_KEY]
+    state = {
+        k[len(BACKBONE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(BACKBONE_PREFIX)
+    }
+    return InitSource(
+        path=Path(path),
+        model_config=meta["model"],
+        peft=meta.get("peft", {"method": "none"}),
+        tokenizer=tokenizer_from_files(meta["tokenizer_files"]),
+        state_dict=state,
+    )
+
+
+def resume_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer a checkpoint was trained with (a resumed run must use exactly it)."""
+    return tokenizer_from_files(read_checkpoint(path, "ckpt_path")[METADATA_KEY]["tokenizer_files"])

@@ -1,0 +1,126 @@
+"""What every lmlab data module shares: a tokenizer, step-reproducible training batches."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lmlab.data.sampling import StepBatchSampler
+from lmlab.errors import ConfigError
+from lmlab.tokenizers import Tokenizer, TokenizerConfig
+
+
+class LMDataModule(L.LightningDataModule, ABC):
+    """Base for lmlab data modules.
+
+    `setup()` is idempotent and is called by `lmlab.train.run` *before* the model is built,
+    because the backbone's vocabulary size comes from the tokenizer trained here.
+    Subclasses set `self.tokenizer`, implement `_prepare()`, `train_item(i)`, `num_train_items`,
+    `collate_train`, and the eval dataloaders.
+    """
+
+    #: "pairs" (prompt → target, exact-match evaluable) or "text" (plain causal LM corpus)
+    kind: str = "text"
+    #: how training batches draw items: "permutation" (epochs over examples) or "random"
+    sampling: str = "permutation"
+
+    def __init__(
+        self,
+        tokenizer: TokenizerConfig | dict | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+        num_workers: int = 0,
+        pretrained_tokenizer: Tokenizer | None = None,
+        limit_train_items: int | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError("data.batch_size", batch_size, reason="must be a positive integer")
+        self.tokenizer_config = TokenizerConfig.from_dict(tokenizer or {}) if not isinstance(
+            tokenizer, TokenizerConfig
+        ) else tokenizer
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.seed = seed
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.num_workers = num_workers
+        self.tokenizer: Tokenizer | None = pretrained_tokenizer
+        if limit_train_items is not None and limit_train_items < 1:
+            raise ConfigError("data.limit_train_items", limit_train_items, reason="must be >= 1 or null")
+        self.limit_train_items = limit_train_items
+        self._prepared = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if not self._prepared:
+            self._prepare()
+            self._prepared = True
+
+    @abstractmethod
+    def _prepare(self) -> None:
+        """Read the data, build (or reuse) the tokenizer, encode once."""
+
+    # -- what the run needs to know before building the model -------------------------------
+    @property
+    @abstractmethod
+    def max_sequence_length(self) -> int:
+        """The longest input the backbone will be given (positions it must support)."""
+
+    # -- training batches --------------------------------------------------------------------
+    def _start_step(self) -> int:
+        """Micro-batches already consumed: restored by Lightning before dataloaders are built."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        n_items = self.num_train_items
+        if self.limit_train_items is not None:
+            n_items = min(n_items, self.limit_train_items)
+        sampler = StepBatchSampler(
+            n_items,
+            self.batch_size,
+            seed=self.seed,
+            start_step=self._start_step(),
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            mode=self.sampling,
+        )
+        return DataLoader(
+            _IndexDataset(self),
+            batch_sampler=sampler,
+            collate_fn=self.collate_train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @abstractmethod
+    def train_item(self, index: int) -> Any:
+        """Training item number `index` (what `collate_train` receives a list of)."""
+
+    @property
+    @abstractmethod
+    def num_train_items(self) -> int:
+        """How many items the sampler chooses from."""
+
+    @abstractmethod
+    def collate_train(self, items: list[Any]) -> dict:
+        """A list of items → a batch of tensors (see `lmlab.data.collate`)."""
+
+
+class _IndexDataset:
+    """Map-style view of a data module's training items (the sampler chooses the indices)."""
+
+    def __init__(self, dm: LMDataModule):
+        self.dm = dm
+
+    def __getitem__(self, index: int):
+        return self.dm.train_item(index)

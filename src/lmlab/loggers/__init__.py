@@ -1,0 +1,1 @@
+"""Logger builders with lmlab defaults (W&B offline without a login)."""

@@ -1,0 +1,71 @@
+"""W&B that never needs an account and never waits on the network.
+
+With a login (WANDB_API_KEY or a ~/.netrc entry) it logs online; without one it logs offline
+into the run directory and says how to upload later with `wandb sync`.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lmlab.errors import ConfigError
+
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].split("/")[0]
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def build_wandb_logger(
+    save_dir: str,
+    project: str = "lmlab",
+    entity: str | None = None,
+    name: str | None = None,
+    group: str | None = None,
+    tags: list[str] | None = None,
+    mode: str = "auto",
+    log_model: bool = False,
+    init_timeout_s: float = 30.0,
+) -> WandbLogger:
+    if mode not in MODES:
+        raise ConfigError("logger.wandb.mode", mode, MODES)
+    if mode == "auto":
+        mode = "online" if wandb_logged_in() else "offline"
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    if mode == "offline":
+        rank_zero_info(
+            f"W&B: no login found, logging offline to {save_dir}/wandb. "
+            f"Upload later with: wandb sync {save_dir}/wandb/offline-run-*"
+        )
+    extra: dict[str, Any] = {}
+    try:
+        import wandb
+
+        extra["settings"] = wandb.Settings(init_timeout=init_timeout_s, silent=True)
+    except (ImportError, TypeError):
+        pass
+    return WandbLogger(
+        save_dir=save_dir,
+        project=project,
+        entity=entity,
+        name=name,
+        group=group,
+        tags=list(tags or []),
+        offline=mode == "offline",
+        mode=mode,
+        log_model=log_model,
+        **extra,
+    )

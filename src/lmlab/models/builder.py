@@ -1,0 +1,24 @@
+"""`build_backbone`: validate a `ModelConfig` and construct the module of its family."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.models.config import FAMILIES, ModelConfig
+from lmlab.models.decoder import DecoderLM
+
+# New families (encoder, encoder-decoder, MoE, Mamba) register here and in config.FAMILIES.
+FAMILY_CLASSES: dict[str, type[nn.Module]] = {
+    "decoder": DecoderLM,
+}
+
+
+def build_backbone(config: ModelConfig) -> nn.Module:
+    config.validate()
+    if config.vocab_size <= 0:
+        raise ConfigError("model.vocab_size", config.vocab_size, "the tokenizer's vocab size",
+                          "must be set from the tokenizer before building the model")
+    if config.family not in FAMILY_CLASSES:
+        raise ConfigError("model.family", config.family, FAMILIES, "no backbone class for it")
+    return FAMILY_CLASSES[config.family](config)

@@ -1,0 +1,139 @@
+"""Multi-head attention with grouped key/value heads (MHA, GQA and MQA are one class).
+
+`n_kv_heads == n_heads` is MHA, `1` is MQA, anything between is GQA: query head h reads
+key/value head h // (n_heads / n_kv_heads). The fast path is
+`F.scaled_dot_product_attention` (flash / memory-efficient kernels, native GQA); `eager` is
+the explicit softmax(QK^T / sqrt(d) + mask) V reference that tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmlab.models.layers.mask import causal_mask
+from lmlab.models.layers.position import apply_rotary
+
+if TYPE_CHECKING:
+    from lmlab.models.cache import LayerKVCache
+
+ATTN_IMPLS = ("sdpa", "eager")
+
+
+def eager_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Same contract as `F.scaled_dot_product_attention`, written out step by step.
+
+    q [B, Hq, T, D], k/v [B, Hkv, S, D]; a bool mask is True where attention is allowed, a
+    float mask is added to the scores. `is_causal` is top-left aligned, as in SDPA.
+    """
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    # Scores and softmax in fp32: this is the reference, precision matters more than speed.
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if is_causal:
+        allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.float()
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return (probs @ v.float()).to(q.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention over `x`, optionally extending a KV cache.
+
+    `causal` is the layer's default masking when the caller passes no `attn_mask` (no padding,
+    no bias); a caller-built mask (see `layers.mask.build_attention_mask`) already encodes
+    causality and replaces it.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        attn_impl: str = "sdpa",
+        causal: bool = True,
+    ):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads != 0 or n_heads % n_kv_heads != 0:
+            raise ValueError(f"need n_kv_heads | n_heads | d_model, got "
+                             f"{n_kv_heads}, {n_heads}, {d_model}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attn_impl {attn_impl!r} (valid: {', '.join(ATTN_IMPLS)})")
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.attn_impl = attn_impl
+        self.causal = causal
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> Tensor:
+        """x [B, T, d_model] -> [B, T, d_model].
+
+        attn_mask: bool (True = attend) or additive float, broadcastable to [B, H, T, S] where
+            S = cached + T keys; None = no padding and no bias.
+        rotary: (cos, sin) for the T new positions, from `RotaryEmbedding.cos_sin`.
+        kv_cache: this layer's cache; new keys/values are appended and all are attended.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, k, *rotary)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        S = k.shape[-2]
+
+        # Decisions on shapes only (never on tensor values), so torch.compile can trace them.
+        is_causal = False
+        if attn_mask is None and self.causal and T > 1:
+            if S == T:
+                is_causal = True  # the kernels' own causal path: no mask tensor at all
+            else:
+                attn_mask = causal_mask(T, S, x.device)  # SDPA's is_causal is top-left aligned
+        elif attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype
+
+        attend = F.scaled_dot_product_attention if self.attn_impl == "sdpa" else eager_attention
+        out = attend(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,1 @@
+"""Optimizer helpers and learning-rate schedules."""

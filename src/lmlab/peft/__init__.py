@@ -1,0 +1,23 @@
+"""PEFT strategies: `apply(backbone) -> backbone`, parameter reports, `merge()` for export."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from lmlab.errors import ConfigError
+from lmlab.peft.base import PeftStrategy, parameter_counts
+from lmlab.peft.full import FullFineTuning, NoPeft
+from lmlab.peft.lora import LoRA
+
+STRATEGIES: dict[str, type[PeftStrategy]] = {cls.method: cls for cls in (NoPeft, FullFineTuning, LoRA)}
+
+
+def build_peft_strategy(cfg: Mapping[str, Any] | None) -> PeftStrategy:
+    cfg = dict(cfg or {"method": "none"})
+    method = cfg.get("method", "none")
+    if method not in STRATEGIES:
+        raise ConfigError("peft.method", method, sorted(STRATEGIES), "unknown PEFT method")
+    return STRATEGIES[method].from_dict(cfg)
+
+
+__all__ = ["PeftStrategy", "STRATEGIES", "build_peft_strategy", "parameter_counts"]

@@ -1,0 +1,74 @@
+"""`peft=lora`: low-rank adapters injected by the `peft` library into lmlab's own backbone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.peft.base import PeftStrategy
+
+
+def linear_names(backbone: nn.Module) -> list[str]:
+    """The distinct last components of Linear-layer names (q_proj, up_proj, lm_head, ...)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)})
+
+
+@dataclass
+class LoRA(PeftStrategy):
+    method = "lora"
+    can_merge = True
+
+    r: int = 8  # rank of the update
+    alpha: float = 16.0  # scale = alpha / r
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    bias: str = "none"  # none | all | lora_only
+    use_rslora: bool = False  # scale by alpha/sqrt(r) (rank-stabilised LoRA)
+
+    def __post_init__(self) -> None:
+        self.target_modules = list(self.target_modules)
+        if self.r < 1:
+            raise ConfigError("peft.r", self.r, reason="LoRA rank must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("peft.dropout", self.dropout, reason="must be in [0, 1)")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError("peft.bias", self.bias, ["none", "all", "lora_only"])
+        if not self.target_modules:
+            raise ConfigError("peft.target_modules", self.target_modules, reason="name at least one layer")
+
+    def check(self, backbone: nn.Module) -> None:
+        available = linear_names(backbone)
+        missing = [t for t in self.target_modules if t not in available]
+        if missing:
+            raise ConfigError(
+                "peft.target_modules", missing, available, "matches no Linear layer of this backbone"
+            )
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            bias=self.bias,
+            use_rslora=self.use_rslora,
+        )
+
+    def apply(self, backbone: nn.Module) -> nn.Module:
+        self.check(backbone)
+        # inject_adapter_in_model freezes the base and leaves only adapter weights trainable.
+        return inject_adapter_in_model(self.peft_config(), backbone)
+
+    def merge(self, backbone: nn.Module) -> nn.Module:
+        for name, module in list(backbone.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+                parent_name, _, child = name.rpartition(".")
+                parent = backbone.get_submodule(parent_name) if parent_name else backbone
+                setattr(parent, child, module.get_base_layer())
+        backbone.requires_grad_(True)
+        return backbone

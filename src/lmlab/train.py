@@ -1,0 +1,198 @@
+"""`run(cfg)`: assemble the parts → fit → evaluate → write the run record.
+
+Works with or without Hydra: tests call `run` with a composed config; `train.py` at the repo
+root is the Hydra entry point and calls `main`, which adds what a sweep needs (a failed job is
+recorded and the sweep goes on; the objective is returned to the sweeper).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.assemble import build_parts, to_container
+from lmlab.checkpoint import resume_tokenizer
+from lmlab.console import print_config_tree, print_results
+from lmlab.errors import ConfigError, LmlabError
+from lmlab.instantiate import instantiate_checked
+from lmlab.peft import parameter_counts
+from lmlab.record import base_record, write_record
+
+log = logging.getLogger("lmlab")
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
+
+
+def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    """`null` resumes the run directory's last checkpoint when there is one; `last` insists on
+    it; anything else is a checkpoint path."""
+    value = cfg.get("ckpt_path")
+    last = output_dir / LAST_CHECKPOINT
+    if value in (None, "", "auto"):
+        return str(last) if last.is_file() else None
+    if value == "last":
+        if not last.is_file():
+            raise ConfigError(
+                "ckpt_path", value,
+                reason=f"no {LAST_CHECKPOINT} in the run directory {output_dir}; to resume a run, "
+                "point hydra.run.dir at its directory or give ckpt_path=<file>",
+            )
+        return str(last)
+    if not Path(value).is_file():
+        raise ConfigError("ckpt_path", value, reason="no such checkpoint file")
+    return str(value)
+
+
+def build_list(node: DictConfig | None, group: str, **kwargs: Any) -> list[Any]:
+    """Callback/logger groups are dicts of named `_target_` nodes; `null` entries are skipped."""
+    if not node:
+        return []
+    out = []
+    for name, sub in node.items():
+        if sub is not None and "_target_" in sub:
+            out.append(instantiate_checked(sub, f"{group}.{name}", **kwargs))
+    return out
+
+
+def overrides_of(cfg: DictConfig) -> list[str]:
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return list(cfg.get("overrides", []) or [])
+
+
+def _finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and evaluate one configuration; returns the record written to metrics.json."""
+    started = time.time()
+    # Lightning has its own console handler; Hydra's root handler would print every line twice.
+    logging.getLogger("lightning.pytorch").propagate = False
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("print_config", True):
+        print_config_tree(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    ckpt_path = resolve_ckpt_path(cfg, output_dir)
+    parts = build_parts(cfg, resume_tokenizer(ckpt_path) if ckpt_path else None)
+    params = parameter_counts(parts.task.backbone)
+    loggers = build_list(cfg.get("logger"), "logger")
+    callbacks = build_list(cfg.get("callbacks"), "callbacks")
+    trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+
+    # Everything validated: from here on the run leaves a record.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    parts.datamodule.tokenizer.save(output_dir / "tokenizer")
+    record = base_record(overrides_of(cfg))
+    record.update(
+        run_dir=str(output_dir),
+        params=params,
+        model_config=parts.model_config.to_dict(),
+        peft=parts.strategy.to_dict(),
+        resumed_from=ckpt_path,
+        init_from=str(parts.init_source.path) if parts.init_source else None,
+    )
+    write_record(output_dir, record)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams({**resolved, "params/total": params["total"], "params/trainable": params["trainable"]})
+
+    try:
+        trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+        metrics: dict[str, float] = {}
+        if cfg.get("validate_after_fit", True):
+            trainer.validate(parts.task, datamodule=parts.datamodule, verbose=False)
+        metrics.update(_finite_metrics(trainer.callback_metrics))
+        if cfg.get("test", True):
+            trainer.test(parts.task, datamodule=parts.datamodule, verbose=False)
+            metrics.update(_finite_metrics(trainer.callback_metrics))
+    except BaseException as err:
+        record.update(
+            status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+            error=f"{type(err).__name__}: {err}",
+            wall_time_s=time.time() - started,
+            tokens_seen=int(parts.task.tokens_seen),
+            step=trainer.global_step,
+        )
+        write_record(output_dir, record)
+        raise
+
+    ckpt_cb = trainer.checkpoint_callback
+    record.update(
+        status="completed",
+        metrics=metrics,
+        tokens_seen=int(parts.task.tokens_seen),
+        step=trainer.global_step,
+        wall_time_s=time.time() - started,
+        best_checkpoint=getattr(ckpt_cb, "best_model_path", None) or None,
+        last_checkpoint=str(output_dir / LAST_CHECKPOINT) if (output_dir / LAST_CHECKPOINT).exists() else None,
+        optimized_metric=cfg.get("optimized_metric"),
+    )
+    write_record(output_dir, record)
+    print_results(
+        metrics, params, {"tokens_seen": record["tokens_seen"], "steps": record["step"],
+                          "wall_time_s": record["wall_time_s"]},
+    )
+    log.info("run record: %s", output_dir / "metrics.json")
+    return record
+
+
+def objective(record: dict[str, Any], cfg: DictConfig) -> float | None:
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    value = record.get("metrics", {}).get(name)
+    return float(value) if value is not None else math.nan
+
+
+def is_multirun() -> bool:
+    if not HydraConfig.initialized():
+        return False
+    return str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
+def record_failure(cfg: DictConfig, err: BaseException) -> None:
+    """A job that failed before its run record existed still leaves one, so sweep reports
+    show it as failed rather than missing."""
+    output_dir = Path(cfg.paths.output_dir)
+    if (output_dir / "metrics.json").exists():
+        return
+    record = base_record(overrides_of(cfg))
+    record.update(status="failed", run_dir=str(output_dir), error=f"{type(err).__name__}: {err}")
+    write_record(output_dir, record)
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry: user errors print one clear message; in a sweep a failed job is recorded
+    (status "failed" in its metrics.json) and the sweep moves on."""
+    try:
+        record = run(cfg)
+    except LmlabError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        if is_multirun():
+            record_failure(cfg, err)
+            return math.nan
+        print(f"\n{type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        if is_multirun():
+            log.exception("job failed; the sweep goes on (see this job's metrics.json)")
+            record_failure(cfg, err)
+            return math.nan
+        raise
+    return objective(record, cfg)

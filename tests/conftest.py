@@ -1,0 +1,66 @@
+"""Shared fixtures: compose configs from conf/ the way `python train.py` does, shrunk for tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+# A tiny version of every run: small backbone, few examples, a few steps of everything.
+TINY_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64"]
+TINY_SYNTHETIC = ["data.n_train=64", "data.n_val=8", "data.n_test=8", "data.batch_size=8", "data.eval_batch_size=16"]
+TINY_TEXT = [
+    f"data.path={SHAKESPEARE}", "data.seq_len=32", "data.batch_size=4", "data.max_eval_windows=8",
+    "data.tokenizer_train_chars=100000",
+]
+
+
+def tiny_overrides(overrides: list[str]) -> list[str]:
+    data = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), "synthetic")
+    base = ["debug=fast", *TINY_MODEL, *(TINY_TEXT if data == "text" else TINY_SYNTHETIC)]
+    return base + list(overrides)
+
+
+def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path, tiny: bool = True) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=tiny_overrides(overrides) if tiny else list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir.parent)
+        cfg.paths.cache_dir = str(cache_dir)
+        cfg.paths.data_dir = str(SHARED_DATA)
+        cfg.print_config = False
+        cfg.overrides = list(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One tokenizer/token cache for the whole session, as a user's machine would have."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, cache_dir):
+    def make(overrides: list[str] = (), name: str = "run", tiny: bool = True) -> DictConfig:
+        return compose_config(list(overrides), tmp_path / name, cache_dir, tiny=tiny)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_account(monkeypatch, tmp_path):
+    """Tests never use a W&B account or the network."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,85 @@
+"""DecoderLM structure: parameter names, vocabulary padding, init, tying, families."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lmlab.models import DecoderLM, ModelConfig, build_backbone
+
+
+def _linear_suffixes(model: nn.Module) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("ffn", ["relu", "gelu", "swiglu"])
+def test_linear_layer_names_are_stable(make_model, ffn):
+    names = _linear_suffixes(make_model(ffn=ffn, n_kv_heads=2))
+    expected = {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"}
+    assert names == expected | ({"gate_proj"} if ffn == "swiglu" else set())
+
+
+def test_module_layout(make_model):
+    names = dict(make_model(position="learned").named_modules())
+    for name in ("embed_tokens", "pos_embed", "norm", "lm_head", "layers.1.attn_norm",
+                 "layers.1.attn.q_proj", "layers.1.ffn_norm", "layers.1.ffn.up_proj"):
+        assert name in names
+
+
+def test_vocab_padding_and_tying(make_model):
+    model = make_model(vocab_size=100, d_model=32)
+    assert model.embed_tokens.weight.shape == (128, 32)
+    assert model.lm_head.weight.shape == (128, 32)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model(torch.tensor([[1, 2, 99]])).shape == (1, 3, 128)
+    untied = make_model(vocab_size=100, tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+    assert untied.num_parameters() == model.num_parameters() + 128 * 32
+
+
+def test_norm_kinds(make_model):
+    assert isinstance(make_model(norm="rmsnorm").norm, nn.RMSNorm)
+    assert isinstance(make_model(norm="layernorm").layers[0].attn_norm, nn.LayerNorm)
+
+
+def test_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=8, n_heads=4, init_std=0.02)
+    model = DecoderLM(cfg)
+    q = model.layers[0].attn.q_proj.weight.std().item()
+    o = torch.cat([layer.attn.o_proj.weight.flatten() for layer in model.layers]).std().item()
+    assert q == pytest.approx(0.02, rel=0.1)
+    assert o == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
+    assert torch.all(model.layers[0].attn.q_proj.bias == 0)
+
+
+def test_num_parameters_trainable_only(make_model):
+    model = make_model()
+    total = model.num_parameters()
+    model.embed_tokens.weight.requires_grad_(False)
+    assert model.num_parameters(trainable_only=True) == total - 64 * 32
+
+
+def test_build_backbone_dispatches_on_family():
+    model = build_backbone(ModelConfig(vocab_size=10, d_model=32, n_heads=4, n_layers=1))
+    assert isinstance(model, DecoderLM)
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope", "alibi", "none"])
+def test_training_step_is_finite_with_padding_and_dropout(make_model, position):
+    model = make_model(position=position, dropout=0.1, ffn="swiglu", n_kv_heads=2).train()
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    logits = model(ids, mask)
+    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                       reduction="none")
+    loss = (loss * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_attention_mask_shape_is_checked(make_model):
+    with pytest.raises(ValueError, match="attention_mask"):
+        make_model()(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 5))
