@@ -1,4 +1,4 @@
-# make train | make test | make bench — each sets up .venv on first use.
+# make train | make test — each sets up .venv on first use.
 # torch is installed first and pinned: an unpinned torch on a machine without a GPU pulls a
 # multi-GB CUDA build.
 PYTHON ?= python3.11
@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test clean
 
 setup: $(VENV)/.installed
 
@@ -23,9 +23,6 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-
-bench: setup
-	$(BIN)/python -m bench $(ARGS)
 
 clean:
 	rm -rf outputs multirun .cache .pytest_cache

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -18,14 +18,30 @@ SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 TINY_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64"]
 TINY_SYNTHETIC = ["data.n_train=64", "data.n_val=8", "data.n_test=8", "data.batch_size=8", "data.eval_batch_size=16"]
 TINY_TEXT = [
-    f"data.path={SHAKESPEARE}", "data.seq_len=32", "data.batch_size=4", "data.max_eval_windows=8",
+    "data.seq_len=32", "data.batch_size=4", "data.max_eval_windows=8",
     "data.tokenizer_train_chars=100000",
 ]
 
 
+def _data_option(overrides: list[str]) -> str:
+    """The data option a run will use: named directly, or chosen by its experiment."""
+    data = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), None)
+    if data:
+        return data
+    experiment = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), None)
+    if experiment:
+        spec = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml")
+        for entry in spec.get("defaults", []):
+            if isinstance(entry, DictConfig) and "override /data" in entry:
+                return entry["override /data"]
+    return "synthetic"
+
+
 def tiny_overrides(overrides: list[str]) -> list[str]:
-    data = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), "synthetic")
+    data = _data_option(overrides)
     base = ["debug=fast", *TINY_MODEL, *(TINY_TEXT if data == "text" else TINY_SYNTHETIC)]
+    if any(o == "data=text" for o in overrides):
+        base.append(f"data.path={SHAKESPEARE}")
     return base + list(overrides)
 
 

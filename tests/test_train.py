@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch
 from lmlab import ConfigError, DataError
 from lmlab.checkpoint import load_init_source
 from lmlab.record import read_record
-from lmlab.train import run
 from lmlab.train import build_list as _ORIGINAL_BUILD_LIST
+from lmlab.train import run
 from tests.conftest import ROOT, TINY_MODEL, TINY_SYNTHETIC
 
 pytestmark = pytest.mark.slow
@@ -209,3 +210,42 @@ def test_single_run_config_error_is_one_clear_message(tmp_path):
     assert proc.returncode == 2
     assert "ConfigError: model.n_heads=3" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.position=sinusoidal"], ["model.position=rope"], ["model.position=alibi"], ["model.position=none"],
+        ["model.ffn=relu", "model.norm=rmsnorm"], ["model.tie_embeddings=false", "model.dropout=0.1"],
+        ["trainer.precision=bf16-mixed"], ["trainer.accumulate_grad_batches=2"],
+        ["model=gqa", "peft=lora", "peft.target_modules=[q_proj,v_proj,up_proj,down_proj,lm_head]"],
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_model_and_trainer_fields_train(make_cfg, overrides):
+    record = run(make_cfg(overrides))
+    assert record["status"] == "completed"
+    assert math.isfinite(record["metrics"]["val/loss"])
+
+
+def test_export_merges_lora_and_is_usable_as_init_from(make_cfg, tmp_path):
+    from lmlab.assemble import build_parts
+    from lmlab.cli import main as cli_main
+
+    cfg = make_cfg(["model=gqa", "peft=lora"], name="lora")
+    run(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert cli_main(["export", str(ckpt), str(tmp_path / "export")]) == 0
+    exported = torch.load(tmp_path / "export" / "model.ckpt", weights_only=True)
+    assert not any("lora_" in k for k in exported["state_dict"])
+    assert (tmp_path / "export" / "tokenizer" / "lmlab_tokenizer.json").is_file()
+
+    # The merged export computes what the trained model with its (unmerged) adapters computed.
+    task = build_parts(cfg).task
+    task.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+    adapted = task.backbone.eval()
+    assert any("lora_" in n for n, _ in adapted.named_parameters())
+    merged = build_parts(make_cfg([f"init_from={tmp_path / 'export' / 'model.ckpt'}"], name="b")).task.backbone.eval()
+    x = torch.randint(6, 40, (2, 9))
+    torch.testing.assert_close(merged(x), adapted(x))
+    assert cli_main(["export", str(tmp_path / "nope.ckpt"), str(tmp_path / "x")]) == 2

@@ -8,13 +8,12 @@ trains or loads the tokenizer, then the real backbone is built with the tokenize
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from lmlab.checkpoint import InitSource, load_init_source
 from lmlab.data import LMDataModule
@@ -51,8 +50,9 @@ def model_config_from(cfg: DictConfig, init: InitSource | None) -> ModelConfig:
     return model_cfg
 
 
-def check_model(model_cfg: ModelConfig) -> None:
-    """Validate the architecture and build it without weights to catch impossible shapes."""
+def check_model(model_cfg: ModelConfig) -> nn.Module:
+    """Validate the architecture and build it without weights (on the meta device) to catch
+    impossible shapes; the result lets PEFT check its targets before any data is touched."""
     probe = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": max(model_cfg.vocab_size, 64)})
     probe.validate()
     with torch.device("meta"):
@@ -110,6 +110,11 @@ def build_parts(cfg: DictConfig, resume_tokenizer=None) -> RunParts:
     for group in ("optimizer", "scheduler"):
         if cfg.get(group) is not None:
             check_node(cfg[group], group, provided={"params", "optimizer", "total_steps"})
+    check_node(cfg.trainer, "trainer", provided={"callbacks", "logger"})
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            if node is not None and "_target_" in node:
+                check_node(node, f"{group}.{name}")
 
     dm = build_datamodule(cfg, init, resume_tokenizer)
     if dm.kind not in TASKS[cfg.task.name][2]:
@@ -124,12 +129,12 @@ def build_parts(cfg: DictConfig, resume_tokenizer=None) -> RunParts:
 
     optimizer = instantiate_checked(cfg.optimizer, "optimizer")
     scheduler = instantiate_checked(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
-    if getattr(dm, "kind", None) == "pairs" and task_kwargs.get("max_new_tokens") is None:
+    if dm.kind == "pairs" and task_kwargs.get("max_new_tokens") is None:
         task_kwargs["max_new_tokens"] = dm.max_target_length
     task = task_cls(
         backbone=backbone,
         tokenizer=dm.tokenizer,
-        optimizer=optimizer if isinstance(optimizer, partial) else optimizer,
+        optimizer=optimizer,
         scheduler=scheduler,
         checkpoint_metadata={
             "model": model_cfg.to_dict(),

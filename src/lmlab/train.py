@@ -19,11 +19,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.assemble import build_parts, to_container
+from lmlab.assemble import build_parts
 from lmlab.checkpoint import resume_tokenizer
 from lmlab.console import print_config_tree, print_results
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.instantiate import instantiate_checked
+from lmlab.loggers.wandb import finish_wandb_runs
 from lmlab.peft import parameter_counts
 from lmlab.record import base_record, write_record
 
@@ -130,7 +131,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             step=trainer.global_step,
         )
         write_record(output_dir, record)
+        finish_wandb_runs(loggers, exit_code=1)
         raise
+    finish_wandb_runs(loggers)
 
     ckpt_cb = trainer.checkpoint_callback
     record.update(

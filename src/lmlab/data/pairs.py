@@ -10,7 +10,7 @@ from lmlab.data.base import LMDataModule
 from lmlab.data.collate import causal_lm_batch, pad_left
 from lmlab.data.synthetic import Example, make_splits, validate_task_names
 from lmlab.errors import ConfigError
-from lmlab.tokenizers import Tokenizer, build_tokenizer
+from lmlab.tokenizers import build_tokenizer
 
 
 class PairsDataModule(LMDataModule):

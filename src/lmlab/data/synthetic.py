@@ -8,8 +8,8 @@ small enough to learn on a CPU in minutes, and exact-match accuracy makes learni
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -69,3 +69,10 @@ def build_wandb_logger(
         log_model=log_model,
         **extra,
     )
+
+
+def finish_wandb_runs(loggers: list[Any], exit_code: int = 0) -> None:
+    """Close W&B runs so the next run in this process (a test, a sweep job) starts a new one."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish(exit_code=exit_code)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from lmlab.errors import ConfigError
 from lmlab.peft.base import PeftStrategy, parameter_counts

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -33,6 +34,7 @@ class PeftStrategy(ABC):
 
     def check(self, backbone: nn.Module) -> None:
         """Fail before compute if the method cannot apply to this backbone (default: always can)."""
+        return None
 
     def merge(self, backbone: nn.Module) -> nn.Module:
         """Fold trained adapters into plain layers (for export). Identity when nothing is injected."""
@@ -45,7 +47,7 @@ class PeftStrategy(ABC):
         return {"method": self.method, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> "PeftStrategy":
+    def from_dict(cls, cfg: Mapping[str, Any]) -> PeftStrategy:
         valid = {f.name for f in fields(cls)}
         kwargs = {}
         for key, value in cfg.items():

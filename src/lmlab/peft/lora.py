@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.peft.base import PeftStrategy
+from peft import LoraConfig, inject_adapter_in_model
 
 
 def linear_names(backbone: nn.Module) -> list[str]:
