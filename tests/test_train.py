@@ -75,7 +75,7 @@ def _run_with(cfg, extra_callbacks, monkeypatch):
 
 def test_resume_reaches_the_same_losses(make_cfg, monkeypatch):
     overrides = ["trainer.max_steps=8", "trainer.val_check_interval=4",
-                 "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.log_every_n_steps=1"]
+                 "callbacks.last_checkpoint.every_n_steps=2", "trainer.log_every_n_steps=1"]
     straight = LossTrace()
     _run_with(make_cfg(overrides, name="straight"), [straight], monkeypatch)
 

@@ -7,6 +7,7 @@ import inspect
 from typing import Any
 
 import hydra.utils
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import ConfigError, LmlabError
@@ -62,5 +63,8 @@ def instantiate_checked(node: DictConfig | dict, group: str, **kwargs: Any) -> A
         while cause is not None:
             if isinstance(cause, LmlabError):
                 raise cause from None
+            if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
+                # A library refusing a value (e.g. Trainer(precision="fp7")): name the group.
+                raise ConfigError(group, node.get("_target_"), reason=f"{type(cause).__name__}: {cause}") from None
             cause = cause.__cause__
         raise

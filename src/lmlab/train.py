@@ -17,9 +17,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.assemble import build_parts
+from lmlab.callbacks.checkpointing import LAST_NAME, PREVIOUS_NAME
 from lmlab.checkpoint import resume_tokenizer
 from lmlab.console import print_config_tree, print_results
 from lmlab.errors import ConfigError, LmlabError
@@ -29,26 +32,46 @@ from lmlab.peft import parameter_counts
 from lmlab.record import base_record, write_record
 
 log = logging.getLogger("lmlab")
-LAST_CHECKPOINT = "checkpoints/last.ckpt"
+LAST_CHECKPOINT = f"checkpoints/{LAST_NAME}"
+
+
+def loadable(path: Path) -> bool:
+    """A checkpoint file that torch can read (a kill mid-write or a full disk leaves one that isn't)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return True
+    except Exception as err:
+        log.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(err).__name__, err)
+        return False
+
+
+def latest_resumable(output_dir: Path) -> Path | None:
+    for name in (LAST_NAME, PREVIOUS_NAME):
+        path = output_dir / "checkpoints" / name
+        if path.is_file() and loadable(path):
+            return path
+    return None
 
 
 def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
-    """`null` resumes the run directory's last checkpoint when there is one; `last` insists on
-    it; anything else is a checkpoint path."""
+    """`null` resumes the run directory's last good checkpoint when there is one; `last` insists
+    on it; anything else is a checkpoint path."""
     value = cfg.get("ckpt_path")
-    last = output_dir / LAST_CHECKPOINT
+    last = latest_resumable(output_dir)
     if value in (None, "", "auto"):
-        return str(last) if last.is_file() else None
+        return str(last) if last else None
     if value == "last":
-        if not last.is_file():
+        if last is None:
             raise ConfigError(
                 "ckpt_path", value,
-                reason=f"no {LAST_CHECKPOINT} in the run directory {output_dir}; to resume a run, "
-                "point hydra.run.dir at its directory or give ckpt_path=<file>",
+                reason=f"no readable {LAST_CHECKPOINT} in the run directory {output_dir}; to resume a "
+                "run, point hydra.run.dir at its directory or give ckpt_path=<file>",
             )
         return str(last)
     if not Path(value).is_file():
         raise ConfigError("ckpt_path", value, reason="no such checkpoint file")
+    if not loadable(Path(value)):
+        raise ConfigError("ckpt_path", value, reason="the file is not a readable checkpoint (truncated or corrupt)")
     return str(value)
 
 
@@ -94,6 +117,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     params = parameter_counts(parts.task.backbone)
     loggers = build_list(cfg.get("logger"), "logger")
     callbacks = build_list(cfg.get("callbacks"), "callbacks")
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
 
     # Everything validated: from here on the run leaves a record.
@@ -115,7 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = _finite_metrics(trainer.callback_metrics)  # train/* as fit ended
         if cfg.get("validate_after_fit", True):
             trainer.validate(parts.task, datamodule=parts.datamodule, verbose=False)
         metrics.update(_finite_metrics(trainer.callback_metrics))
@@ -124,7 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics.update(_finite_metrics(trainer.callback_metrics))
     except BaseException as err:
         record.update(
-            status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+            status=_status_of(err),
             error=f"{type(err).__name__}: {err}",
             wall_time_s=time.time() - started,
             tokens_seen=int(parts.task.tokens_seen),
@@ -153,6 +178,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     log.info("run record: %s", output_dir / "metrics.json")
     return record
+
+
+def _status_of(err: BaseException) -> str:
+    if isinstance(err, SIGTERMException):
+        return "preempted"
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return "interrupted"
+    return "failed"
 
 
 def objective(record: dict[str, Any], cfg: DictConfig) -> float | None:
@@ -192,6 +225,9 @@ def main(cfg: DictConfig) -> float | None:
             return math.nan
         print(f"\n{type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:
+        log.warning("preempted (SIGTERM): last.ckpt saved; rerun the same command to resume")
+        sys.exit(143)
     except Exception as err:
         if is_multirun():
             log.exception("job failed; the sweep goes on (see this job's metrics.json)")

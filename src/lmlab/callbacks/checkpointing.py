@@ -1,0 +1,125 @@
+"""Crash-safe checkpoints.
+
+Every checkpoint is written to a temporary file and renamed into place, so a kill during a
+write never leaves a truncated file under the real name. `last.ckpt` (what resume uses) is kept
+current by `ResumeCheckpoint` every N steps and/or T seconds, at the end of training and when
+SIGTERM arrives (the SLURM preemption path); the previous one is kept as `last.prev.ckpt` until
+the new one is complete, and a state with non-finite weights is never written over it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger("lmlab")
+
+LAST_NAME = "last.ckpt"
+PREVIOUS_NAME = "last.prev.ckpt"
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+def atomic_save_checkpoint(
+    trainer: L.Trainer, filepath: str | Path, weights_only: bool = False, keep_previous: str | Path | None = None
+) -> None:
+    filepath = Path(filepath)
+    tmp = filepath.with_name(f".{filepath.name}.tmp")
+    trainer.save_checkpoint(tmp, weights_only)
+    if trainer.is_global_zero:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if keep_previous is not None and filepath.exists():
+            os.replace(filepath, keep_previous)
+        os.replace(tmp, filepath)
+    trainer.strategy.barrier("atomic_save_checkpoint")
+
+
+def last_good_checkpoint(dirpath: str | Path) -> Path | None:
+    for name in (LAST_NAME, PREVIOUS_NAME):
+        path = Path(dirpath) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def weights_are_finite(module: torch.nn.Module) -> bool:
+    flags = [torch.isfinite(p).all() for p in module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (best-k by a metric), writing each file atomically."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        atomic_save_checkpoint(trainer, filepath, self.save_weights_only)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+
+class ResumeCheckpoint(L.Callback):
+    """Keeps `<dirpath>/last.ckpt` current for resuming a killed or preempted run."""
+
+    def __init__(self, dirpath: str, every_n_steps: int | None = 100, every_n_seconds: float | None = None):
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError("every_n_steps must be >= 1 or None")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.every_n_seconds = every_n_seconds
+        self._last_time = time.monotonic()
+        self._saved_step = -1
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / LAST_NAME
+
+    def state_dict(self) -> dict:
+        return {"saved_step": self._saved_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._saved_step = state_dict.get("saved_step", -1)
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        step = trainer.global_step
+        if step == self._saved_step or step == 0:
+            return False
+        if getattr(trainer, "received_sigterm", False):
+            return True
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            return True
+        return self.every_n_seconds is not None and time.monotonic() - self._last_time >= self.every_n_seconds
+
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not weights_are_finite(pl_module):
+            good = last_good_checkpoint(self.dirpath)
+            raise NonFiniteError(
+                f"non-finite weights at step {trainer.global_step}; not overwriting the last good "
+                f"checkpoint ({good or 'none saved yet'})"
+            )
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        self._saved_step = trainer.global_step  # set before saving: it is part of the saved state
+        atomic_save_checkpoint(trainer, self.last_path, keep_previous=self.dirpath / PREVIOUS_NAME)
+        self._last_time = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Only at optimizer-step boundaries: mid-accumulation state cannot be resumed exactly.
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and self._due(trainer):
+            self.save(trainer, pl_module)
+            if getattr(trainer, "received_sigterm", False):
+                log.warning("SIGTERM: saved %s at step %d; rerun the same command to resume",
+                            self.last_path, trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._saved_step:
+            self.save(trainer, pl_module)

@@ -1,0 +1,169 @@
+"""Crash safety: atomic checkpoints, corrupt-checkpoint fallback, non-finite guard, kill/preempt resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lmlab.callbacks import NonFiniteError
+from lmlab.record import read_record
+from lmlab.train import resolve_ckpt_path, run
+from tests.conftest import ROOT, TINY_MODEL, TINY_SYNTHETIC
+
+pytestmark = pytest.mark.slow
+
+
+def _inject(monkeypatch, extra):
+    import lmlab.train as train_mod
+
+    original = train_mod.build_list.__wrapped__ if hasattr(train_mod.build_list, "__wrapped__") else train_mod.build_list
+
+    def build_list(node, group, **kw):
+        items = original(node, group, **kw)
+        return items + extra if group == "callbacks" else items
+
+    monkeypatch.setattr(train_mod, "build_list", build_list)
+
+
+class PoisonWeights(L.Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            with torch.no_grad():
+                next(pl_module.backbone.parameters()).fill_(float("nan"))
+
+
+class PoisonGradsOnce(L.Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.at_step:
+            next(p for p in pl_module.backbone.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+
+STEPS = ["trainer.max_steps=6", "trainer.val_check_interval=3", "callbacks.last_checkpoint.every_n_steps=2"]
+
+
+def test_nonfinite_stops_and_keeps_the_last_good_checkpoint(make_cfg, monkeypatch):
+    cfg = make_cfg(STEPS)
+    _inject(monkeypatch, [PoisonWeights(at_step=3)])
+    with pytest.raises(NonFiniteError, match="step 3") as info:
+        run(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert str(last) in str(info.value)
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert read_record(cfg.paths.output_dir)["status"] == "failed"
+
+
+def test_nonfinite_skip_policy_drops_the_step_and_goes_on(make_cfg, monkeypatch):
+    cfg = make_cfg([*STEPS, "callbacks.nonfinite.policy=skip"])
+    _inject(monkeypatch, [PoisonGradsOnce(at_step=2)])
+    record = run(cfg)
+    assert record["status"] == "completed" and record["step"] == 6
+    assert record["metrics"]["train/skipped_steps"] == 1.0
+
+
+def test_interrupted_write_leaves_the_previous_checkpoint(make_cfg, monkeypatch):
+    cfg = make_cfg(STEPS)
+    run(cfg)
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    before = (ckpt_dir / "last.ckpt").read_bytes()
+    real_replace = os.replace
+
+    def crash_on_final_rename(src, dst):
+        if str(dst).endswith("last.ckpt") and ".last.ckpt.tmp" in str(src):
+            raise OSError("killed mid-write")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_final_rename)
+    with pytest.raises(OSError, match="killed mid-write"):
+        run(make_cfg([*STEPS, "trainer.max_steps=8", "callbacks.last_checkpoint.every_n_steps=1"], name="run"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    # Either last.ckpt is the old one or it was rotated to last.prev.ckpt: something loadable stays.
+    resumable = resolve_ckpt_path(cfg, Path(cfg.paths.output_dir))
+    assert resumable is not None
+    torch.load(resumable, weights_only=True)
+    assert (ckpt_dir / "last.ckpt").exists() or (ckpt_dir / "last.prev.ckpt").read_bytes() == before
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_previous(make_cfg, caplog):
+    cfg = make_cfg(STEPS)
+    run(cfg)
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    assert (ckpt_dir / "last.prev.ckpt").is_file()
+    data = (ckpt_dir / "last.ckpt").read_bytes()
+    (ckpt_dir / "last.ckpt").write_bytes(data[: len(data) // 2])
+    assert resolve_ckpt_path(cfg, Path(cfg.paths.output_dir)).endswith("last.prev.ckpt")
+    assert "skipping unreadable checkpoint" in caplog.text
+    (ckpt_dir / "last.prev.ckpt").write_bytes(b"garbage")
+    assert resolve_ckpt_path(cfg, Path(cfg.paths.output_dir)) is None
+
+
+# -- real processes, real signals ---------------------------------------------------------------
+KILL_ARGS = ["debug=fast", *TINY_MODEL, *TINY_SYNTHETIC, "trainer.max_steps=40", "trainer.val_check_interval=20",
+             "callbacks.last_checkpoint.every_n_steps=3", "trainer.enable_progress_bar=false", "print_config=false"]
+
+
+def _cmd(run_dir: Path, cache: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *KILL_ARGS, f"hydra.run.dir={run_dir}",
+            f"paths.cache_dir={cache}"]
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def _start_and_signal(cmd, run_dir: Path, sig: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_identical_weights(tmp_path, sig):
+    cache = tmp_path / "cache"
+    straight = tmp_path / "straight"
+    subprocess.run(_cmd(straight, cache), cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+    interrupted = tmp_path / "interrupted"
+    proc = _start_and_signal(_cmd(interrupted, cache), interrupted, sig)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, proc.stderr[-2000:]
+        assert read_record(interrupted)["status"] == "preempted"
+        step = torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        assert 0 < step < 40
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    subprocess.run(_cmd(interrupted, cache), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    record = read_record(interrupted)
+    assert record["status"] == "completed" and record["step"] == 40
+    assert record["resumed_from"]
+    a, b = _final_weights(straight), _final_weights(interrupted)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    def learned(metrics):  # wall-clock rates differ between runs; everything learned must not
+        return {k: v for k, v in metrics.items() if not k.startswith("throughput/")}
+
+    assert learned(record["metrics"]) == learned(read_record(straight)["metrics"])
+    assert record["tokens_seen"] == read_record(straight)["tokens_seen"]
