@@ -8,6 +8,7 @@ tensors), which `torch.load(weights_only=True)` reads without unpickling code.
 
 from __future__ import annotations
 
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,15 @@ def read_checkpoint(path: str | Path, field: str) -> dict[str, Any]:
         raise ConfigError(field, str(path), reason="no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, foreign pickle, not a checkpoint at all
+    except pickle.UnpicklingError as err:
+        # weights_only loading refuses pickled objects other than tensors and plain data: such
+        # a file could run code when unpickled. lmlab never writes one.
+        raise ConfigError(
+            field, str(path),
+            reason="refused: the file holds pickled Python objects, not only tensors and plain data "
+            f"(unsafe to load; lmlab checkpoints never do) [{str(err).splitlines()[0]}]",
+        ) from None
+    except Exception as err:  # truncated file, not a checkpoint at all
         raise ConfigError(field, str(path), reason=f"cannot be read as a checkpoint ({err})") from None
     if METADATA_KEY not in ckpt or "state_dict" not in ckpt:
         raise ConfigError(field, str(path), reason="not an lmlab checkpoint (no lmlab metadata)")

@@ -139,7 +139,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams({**resolved, "params/total": params["total"], "params/trainable": params["trainable"]})
 
     try:
-        trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+        trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics: dict[str, float] = _finite_metrics(trainer.callback_metrics)  # train/* as fit ended
         if cfg.get("validate_after_fit", True):
             trainer.validate(parts.task, datamodule=parts.datamodule, verbose=False)
