@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+SMS_SPAM = SHARED_DATA / "sms_spam" / "SMSSpamCollection.tsv"
 
 # A tiny version of every run: small backbone, few examples, a few steps of everything.
 TINY_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64"]
@@ -37,9 +38,17 @@ def _data_option(overrides: list[str]) -> str:
     return "synthetic"
 
 
+TINY_CLASSIFICATION = [
+    f"data.path={SMS_SPAM}", "data.has_header=false", "data.batch_size=8", "data.eval_batch_size=16",
+    "data.max_length=32",
+]
+TINY_PARALLEL = ["data.batch_size=8", "data.eval_batch_size=16", "data.max_length=32"]
+TINY_DATA = {"text": TINY_TEXT, "classification": TINY_CLASSIFICATION, "parallel": TINY_PARALLEL}
+
+
 def tiny_overrides(overrides: list[str]) -> list[str]:
     data = _data_option(overrides)
-    base = ["debug=fast", *TINY_MODEL, *(TINY_TEXT if data == "text" else TINY_SYNTHETIC)]
+    base = ["debug=fast", *TINY_MODEL, *TINY_DATA.get(data, TINY_SYNTHETIC)]
     if any(o == "data=text" for o in overrides):
         base.append(f"data.path={SHAKESPEARE}")
     return base + list(overrides)
@@ -80,3 +89,23 @@ def _no_wandb_account(monkeypatch, tmp_path):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """A local Hugging Face directory (tiny random Llama + a word-level tokenizer.json covering
+    the synthetic tasks), as `model=hf` / `init_from=hf:` expect; nothing is downloaded."""
+    import torch
+    import transformers
+
+    from tests.models.hf.conftest import write_word_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    words = ["<unk>", "</s>", "sort", "ascending", "descending", "add", "reverse", ":"] + [str(i) for i in range(110)]
+    write_word_tokenizer(directory, words, {"unk_token": "<unk>", "eos_token": "</s>"})
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(words), hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=1,
+    )).save_pretrained(str(directory))
+    return directory

@@ -8,7 +8,7 @@ import pytest
 
 from lmlab.record import read_record
 from lmlab.train import run
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, ROOT
 
 GROUPS = ["model", "tokenizer", "data", "task", "peft", "optimizer", "scheduler", "trainer", "logger",
           "callbacks", "experiment", "debug"]
@@ -46,6 +46,16 @@ def _overrides_for(group: str, option: str) -> list[str]:
         return [f"experiment={option}", "trainer.max_steps=4"]
     extra = {
         ("data", "text"): ["tokenizer=char"],
+        ("data", "classification"): ["task=classify"],
+        ("data", "parallel"): ["task=seq2seq", "model=transformer", "task.eval_max_batches_decoded=1"],
+        ("task", "mlm"): ["model=bert", "data=text", "tokenizer=char"],
+        ("task", "classify"): ["data=classification"],
+        ("task", "seq2seq"): ["model=transformer"],
+        ("model", "bert"): ["task=mlm", "data=text", "tokenizer=char"],
+        ("model", "transformer"): ["task=seq2seq"],
+        ("model", "t5"): ["task=seq2seq"],
+        ("model", "hybrid"): ["model.n_layers=4"],
+        ("tokenizer", "hf"): [f"tokenizer.path={ROOT / 'tests' / 'tokenizers' / 'fixtures' / 'gpt2_style'}"],
         ("tokenizer", "bpe"): ["tokenizer.vocab_size=200"],
         ("scheduler", "noam"): ["optimizer.lr=1.0"],
         ("debug", "overfit"): ["trainer.max_steps=4", "trainer.val_check_interval=2"],
@@ -55,8 +65,12 @@ def _overrides_for(group: str, option: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
-def test_option_trains(group, option, make_cfg):
-    cfg = make_cfg(_overrides_for(group, option))
+def test_option_trains(group, option, make_cfg, request):
+    overrides = _overrides_for(group, option)
+    if (group, option) == ("model", "hf"):
+        hf_dir = request.getfixturevalue("tiny_hf_dir")
+        overrides += [f"model.hf_path={hf_dir}", "tokenizer=hf", f"tokenizer.path={hf_dir}"]
+    cfg = make_cfg(overrides)
     record = run(cfg)
     assert record["status"] == "completed"
     assert record["step"] > 0

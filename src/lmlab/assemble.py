@@ -18,7 +18,7 @@ from torch import nn
 from lmlab.checkpoint import InitSource, load_init_source
 from lmlab.data import LMDataModule
 from lmlab.errors import ConfigError
-from lmlab.instantiate import check_node, instantiate_checked
+from lmlab.instantiate import accepted_keys, check_node, instantiate_checked
 from lmlab.models import ModelConfig, build_backbone
 from lmlab.peft import PeftStrategy, build_peft_strategy
 from lmlab.tasks import TASKS
@@ -50,6 +50,18 @@ def model_config_from(cfg: DictConfig, init: InitSource | None) -> ModelConfig:
     return model_cfg
 
 
+def check_hf_pairing(cfg: DictConfig, model_cfg: ModelConfig) -> None:
+    """A wrapped HF model only understands the ids of its own tokenizer."""
+    if not model_cfg.hf_path:
+        return
+    tok = to_container(cfg.tokenizer)
+    if tok.get("kind") != "hf" or not tok.get("path"):
+        raise ConfigError(
+            "tokenizer", tok.get("kind"), ["hf"],
+            f"model.hf_path={model_cfg.hf_path} needs its own tokenizer: tokenizer=hf tokenizer.path={model_cfg.hf_path}",
+        )
+
+
 def check_model(model_cfg: ModelConfig) -> nn.Module:
     """Validate the architecture and build it without weights (on the meta device) to catch
     impossible shapes; the result lets PEFT check its targets before any data is touched."""
@@ -74,8 +86,15 @@ def check_task(cfg: DictConfig, model_cfg: ModelConfig) -> tuple[type, dict[str,
     return cls, task_cfg
 
 
+# Data that can be served in several formats is served in the one its task reads.
+TASK_DATA_FORMAT = {"seq2seq": "seq2seq", "clm": "clm"}
+
+
 def build_datamodule(cfg: DictConfig, init: InitSource | None, ckpt_tokenizer=None) -> LMDataModule:
     tokenizer = ckpt_tokenizer or (init.tokenizer if init is not None else None)
+    extra: dict[str, Any] = {}
+    if cfg.data.get("format", None) == "auto" and cfg.task.name in TASK_DATA_FORMAT:
+        extra["format"] = TASK_DATA_FORMAT[cfg.task.name]
     dm = instantiate_checked(
         cfg.data,
         "data",
@@ -83,6 +102,7 @@ def build_datamodule(cfg: DictConfig, init: InitSource | None, ckpt_tokenizer=No
         seed=cfg.seed,
         cache_dir=cfg.paths.cache_dir,
         pretrained_tokenizer=tokenizer,
+        **extra,
     )
     dm.setup("fit")
     return dm
@@ -91,8 +111,13 @@ def build_datamodule(cfg: DictConfig, init: InitSource | None, ckpt_tokenizer=No
 def check_lengths(dm: LMDataModule, model_cfg: ModelConfig) -> None:
     needed = dm.max_sequence_length
     if model_cfg.position == "learned" and needed > model_cfg.max_seq_len:
-        field = "data.seq_len" if hasattr(dm, "seq_len") else "model.max_seq_len"
-        value = getattr(dm, "seq_len", model_cfg.max_seq_len)
+        field, value = "model.max_seq_len", model_cfg.max_seq_len
+        if getattr(dm, "seq_len", 0) > model_cfg.max_seq_len:
+            field, value = "data.seq_len", dm.seq_len
+        elif any(n > model_cfg.max_seq_len for n in getattr(dm, "eval_seq_lens", ()) or ()):
+            field, value = "data.eval_seq_lens", list(dm.eval_seq_lens)
+        elif getattr(dm, "max_length", 0) > model_cfg.max_seq_len:
+            field, value = "data.max_length", dm.max_length
         raise ConfigError(
             field, value,
             reason=f"sequences of {needed} tokens exceed model.max_seq_len={model_cfg.max_seq_len}, "
@@ -103,6 +128,7 @@ def check_lengths(dm: LMDataModule, model_cfg: ModelConfig) -> None:
 def build_parts(cfg: DictConfig, resume_tokenizer=None) -> RunParts:
     init = load_init_source(cfg.init_from) if cfg.get("init_from") else None
     model_cfg = model_config_from(cfg, init)
+    check_hf_pairing(cfg, model_cfg)
     probe = check_model(model_cfg)
     task_cls, task_kwargs = check_task(cfg, model_cfg)
     strategy = build_peft_strategy(to_container(cfg.peft))
@@ -122,6 +148,8 @@ def build_parts(cfg: DictConfig, resume_tokenizer=None) -> RunParts:
     check_lengths(dm, model_cfg)
 
     model_cfg.vocab_size = dm.tokenizer.vocab_size
+    if model_cfg.hf_path and model_cfg.hf_id_offset is None:
+        model_cfg.hf_id_offset = getattr(dm.tokenizer, "id_offset", None)
     backbone = build_backbone(model_cfg)
     if init is not None:
         init.load_into(backbone)
@@ -129,8 +157,11 @@ def build_parts(cfg: DictConfig, resume_tokenizer=None) -> RunParts:
 
     optimizer = instantiate_checked(cfg.optimizer, "optimizer")
     scheduler = instantiate_checked(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
-    if dm.kind == "pairs" and task_kwargs.get("max_new_tokens") is None:
-        task_kwargs["max_new_tokens"] = dm.max_target_length
+    # What only the data knows (classes, longest target) fills the task's unset fields.
+    accepted = accepted_keys(task_cls)
+    for key, value in dm.task_kwargs().items():
+        if task_kwargs.get(key) is None and (accepted is None or key in accepted):
+            task_kwargs[key] = value
     task = task_cls(
         backbone=backbone,
         tokenizer=dm.tokenizer,

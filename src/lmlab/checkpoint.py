@@ -83,7 +83,24 @@ class InitSource:
         return source_strategy.merge(backbone)
 
 
+def load_hf_init_source(directory: str) -> InitSource:
+    """`init_from=hf:<dir>`: weights, architecture and tokenizer of a local HF checkpoint."""
+    from lmlab.models.hf import hf_model_config, import_hf, tokenizer_path
+    from lmlab.tokenizers import HFTokenizer, TokenizerConfig
+
+    hf_model_config(directory)  # directory and architecture errors come first
+    if tokenizer_path(directory) is None:
+        raise ConfigError("init_from", f"hf:{directory}",
+                          reason="no tokenizer.json next to the model (its ids must match the embeddings)")
+    tokenizer = HFTokenizer.train(TokenizerConfig(kind="hf", path=directory), [])
+    config, state = import_hf(directory, id_offset=tokenizer.id_offset, vocab_size=tokenizer.vocab_size)
+    return InitSource(path=Path(directory), model_config=config.to_dict(), peft={"method": "none"},
+                      tokenizer=tokenizer, state_dict=state)
+
+
 def load_init_source(path: str | Path) -> InitSource:
+    if str(path).startswith("hf:"):
+        return load_hf_init_source(str(path)[3:])
     ckpt = read_checkpoint(path, "init_from")
     meta = ckpt[METADATA_KEY]
     state = {

@@ -25,11 +25,13 @@ from lmlab.assemble import build_parts
 from lmlab.callbacks.checkpointing import LAST_NAME, PREVIOUS_NAME
 from lmlab.checkpoint import resume_tokenizer
 from lmlab.console import print_config_tree, print_results
+from lmlab.describe import describe
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.instantiate import instantiate_checked
 from lmlab.loggers.wandb import finish_wandb_runs
 from lmlab.peft import parameter_counts
 from lmlab.record import base_record, write_record
+from lmlab.tokenizers import tokenizer_metrics
 
 log = logging.getLogger("lmlab")
 LAST_CHECKPOINT = f"checkpoints/{LAST_NAME}"
@@ -92,6 +94,12 @@ def overrides_of(cfg: DictConfig) -> list[str]:
     return list(cfg.get("overrides", []) or [])
 
 
+def measure_tokenizer(tokenizer, texts: list[str]) -> dict[str, float]:
+    """Fertility, bytes/token, unk rate, ... of the run's tokenizer on held-out text, so a sweep
+    over `tokenizer=` can be compared with `lmlab report`."""
+    return tokenizer_metrics(tokenizer, texts) if texts else {"vocab_size": tokenizer.vocab_size}
+
+
 def _finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in metrics.items():
@@ -114,7 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     ckpt_path = resolve_ckpt_path(cfg, output_dir)
     parts = build_parts(cfg, resume_tokenizer(ckpt_path) if ckpt_path else None)
-    params = parameter_counts(parts.task.backbone)
+    params = parameter_counts(parts.task)  # backbone + task heads (e.g. the classifier)
     loggers = build_list(cfg.get("logger"), "logger")
     callbacks = build_list(cfg.get("callbacks"), "callbacks")
     if not cfg.trainer.get("enable_progress_bar", True):
@@ -128,6 +136,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     record.update(
         run_dir=str(output_dir),
         params=params,
+        describe=describe(parts.model_config, backbone=parts.task.backbone,
+                          seq_len=parts.datamodule.max_sequence_length),
+        tokenizer={"kind": parts.datamodule.tokenizer.kind,
+                   **measure_tokenizer(parts.datamodule.tokenizer, parts.datamodule.sample_texts())},
         model_config=parts.model_config.to_dict(),
         peft=parts.strategy.to_dict(),
         resumed_from=ckpt_path,

@@ -67,3 +67,34 @@ def test_bad_settings_are_config_errors(kwargs, field):
     with pytest.raises(ConfigError) as info:
         SyntheticTasksDataModule(**kwargs)
     assert info.value.field == field
+
+
+def test_seq2seq_format_batches_are_consistent(cache_dir):
+    dm = SyntheticTasksDataModule(tasks=["add_1", "sort_desc"], n_train=20, n_val=4, n_test=4, batch_size=4,
+                                  format="seq2seq", tokenizer={"kind": "word"}, cache_dir=cache_dir)
+    dm.setup()
+    tok = dm.tokenizer
+    assert dm.kind == "seq2seq"
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == {"src_ids", "src_mask", "tgt_in", "tgt_out", "tgt_mask", "target_text", "task"}
+    examples = dm.splits["val"]
+    for b in range(len(batch["target_text"])):
+        out = batch["tgt_out"][b]
+        real = out[out != IGNORE_INDEX].tolist()
+        assert real[-1] == tok.eos_id
+        assert tok.decode(real) == tok.decode(tok.encode(batch["target_text"][b]))
+        assert real[:-1] == tok.encode(examples[b].target)
+        assert batch["tgt_in"][b, : len(real)].tolist() == [tok.bos_id, *real[:-1]]
+        src = batch["src_ids"][b][batch["src_mask"][b].bool()].tolist()
+        assert src == [*tok.encode(examples[b].source), tok.eos_id]
+        assert batch["task"][b] == examples[b].task
+    assert dm.task_kwargs() == {"max_new_tokens": 5}  # four numbers and <eos>
+    assert dm.max_sequence_length == max(len(s) for s, _ in dm.encoded["train"])
+    train = dm.collate_train([dm.train_item(0), dm.train_item(1)])
+    assert set(train) == {"src_ids", "src_mask", "tgt_in", "tgt_out", "tgt_mask"}
+
+
+def test_format_auto_is_clm_and_bad_format_is_a_config_error():
+    assert SyntheticTasksDataModule(format="auto").kind == "pairs"
+    with pytest.raises(ConfigError, match="data.format"):
+        SyntheticTasksDataModule(format="json")

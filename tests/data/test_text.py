@@ -66,3 +66,19 @@ def test_errors(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(DataError, match="no text files"):
         read_corpus(tmp_path / "empty_dir")
+
+
+def test_extra_eval_lengths_serve_extra_dataloaders(tmp_path):
+    (tmp_path / "a.txt").write_text(SHAKESPEARE.read_text()[:40000])
+    dm = _dm(tmp_path / "a.txt", None, eval_seq_lens=[32, 64], max_eval_windows=4)
+    dm.setup()
+    assert dm.max_sequence_length == 64
+    loaders = dm.val_dataloader()
+    assert [next(iter(loader))["input_ids"].shape[1] for loader in loaders] == [16, 32, 64]
+    assert len(dm.test_dataloader()) == 3
+    with pytest.raises(ConfigError, match="data.eval_seq_lens"):
+        _dm(tmp_path / "a.txt", None, eval_seq_lens=[16])
+    with pytest.raises(ConfigError, match="data.eval_seq_lens"):
+        _dm(tmp_path / "a.txt", None, eval_seq_lens=[0])
+    with pytest.raises(DataError, match="eval_seq_lens"):
+        _dm(tmp_path / "a.txt", None, eval_seq_lens=[100000]).setup()

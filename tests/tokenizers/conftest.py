@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 
 DATA = (Path(__file__).parents[2] / ".." / "shared" / "data").resolve()
+# A GPT-2-style tokenizer.json (byte-level BPE, 400 tokens + "<|endoftext|>" last) made with
+# the `tokenizers` library from 100 KB of tinyshakespeare: a file from "elsewhere" whose ids do
+# not start with lmlab's specials.
+HF_FIXTURE = Path(__file__).parent / "fixtures" / "gpt2_style" / "tokenizer.json"
 SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
 FLORES_DEV = DATA / "flores200_sample" / "dev"
 # Latin plus eight non-Latin scripts, including ones without spaces (zho, jpn, tha) and

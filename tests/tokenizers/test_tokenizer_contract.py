@@ -15,13 +15,21 @@ from lmlab.tokenizers import (
     build_tokenizer,
     load_tokenizer,
 )
+from tests.tokenizers.conftest import HF_FIXTURE
 
 SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+LIBRARY_KINDS = ("word", "bpe", "bytelevel_bpe", "wordpiece", "unigram", "hf")
+SIDE_FILES = {
+    **{kind: ["tokenizer.json"] for kind in LIBRARY_KINDS},
+    "sentencepiece": ["sentencepiece.model.b64"],
+}
 
 
 @pytest.fixture(scope="module", params=TOKENIZER_KINDS)
 def tok(request, shakespeare) -> Tokenizer:
-    # Large enough for word to know every word of SAMPLE; bpe stays small and fast to train.
+    if request.param == "hf":
+        return build_tokenizer({"kind": "hf", "path": str(HF_FIXTURE)})
+    # Large enough for word to know every word of SAMPLE; the others stay small and fast.
     vocab_size = 4000 if request.param == "word" else 500
     return build_tokenizer({"kind": request.param, "vocab_size": vocab_size}, [shakespeare])
 
@@ -63,9 +71,8 @@ def test_decode_skips_specials_unless_asked(tok):
     wrapped = [tok.bos_id, *ids, tok.eos_id, tok.pad_id, tok.pad_id]
     assert tok.decode(wrapped) == plain
     shown = tok.decode(wrapped, skip_special_tokens=False)
-    tail = (
-        "<eos> <pad> <pad>" if tok.kind == "word" else "<eos><pad><pad>"
-    )  # word joins with spaces
+    # word and wordpiece join words with spaces
+    tail = "<eos> <pad> <pad>" if tok.kind in ("word", "wordpiece") else "<eos><pad><pad>"
     assert shown.startswith("<bos>") and shown.endswith(tail)
     assert tok.decode_batch([wrapped, ids]) == [plain, plain]
 
@@ -81,8 +88,8 @@ def test_ids_beyond_the_vocab_decode_as_unk(tok):
 def test_save_then_load_gives_identical_encodings(tok, tmp_path, shakespeare):
     directory = tok.save(tmp_path / "tok")
     assert (directory / "lmlab_tokenizer.json").is_file()
-    if tok.kind == "bpe":
-        assert (directory / "tokenizer.json").is_file()
+    for name in SIDE_FILES.get(tok.kind, []):
+        assert (directory / name).is_file()
     loaded = load_tokenizer(directory)
     assert type(loaded) is type(tok)
     assert loaded.config == tok.config
@@ -93,7 +100,7 @@ def test_save_then_load_gives_identical_encodings(tok, tmp_path, shakespeare):
     # Saving over an existing directory replaces it in place and leaves no temp files behind.
     tok.save(directory)
     assert sorted(p.name for p in directory.iterdir()) == sorted(
-        ["lmlab_tokenizer.json"] + (["tokenizer.json"] if tok.kind in ("word", "bpe") else [])
+        ["lmlab_tokenizer.json", *SIDE_FILES.get(tok.kind, [])]
     )
     assert load_tokenizer(directory).encode(SAMPLE) == tok.encode(SAMPLE)
 
@@ -115,7 +122,7 @@ def test_load_rejects_corrupt_files(tok, tmp_path):
         load_tokenizer(directory)
 
     broken = json.loads(record)
-    broken["kind"] = "sentencepiece"
+    broken["kind"] = "morfessor"
     record_path.write_text(json.dumps(broken), encoding="utf-8")
     with pytest.raises(DataError, match="unknown tokenizer kind"):
         load_tokenizer(directory)

@@ -22,9 +22,10 @@ class ThroughputMonitor(L.Callback):
             self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        ids = batch["input_ids"]
-        self._tokens += ids.numel()
-        self._samples += ids.shape[0]
+        # Shapes only (no device sync): decoder/encoder batches carry input_ids, seq2seq both sides.
+        ids = [batch[k] for k in ("input_ids", "src_ids", "tgt_in") if k in batch]
+        self._tokens += sum(t.numel() for t in ids)
+        self._samples += ids[0].shape[0] if ids else 0
         if trainer.global_step % self.log_every_n_steps == 0 and self._t0 is not None:
             elapsed = time.perf_counter() - self._t0
             if elapsed > 0:

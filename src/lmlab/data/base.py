@@ -23,7 +23,8 @@ class LMDataModule(L.LightningDataModule, ABC):
     `collate_train`, and the eval dataloaders.
     """
 
-    #: "pairs" (prompt → target, exact-match evaluable) or "text" (plain causal LM corpus)
+    #: the batch format served: "text" (plain corpus windows), "pairs" (prompt+target in one
+    #: sequence), "seq2seq" (source and target apart) or "classification" (text + label)
     kind: str = "text"
     #: how training batches draw items: "permutation" (epochs over examples) or "random"
     sampling: str = "permutation"
@@ -71,6 +72,15 @@ class LMDataModule(L.LightningDataModule, ABC):
     @abstractmethod
     def max_sequence_length(self) -> int:
         """The longest input the backbone will be given (positions it must support)."""
+
+    def sample_texts(self, max_chars: int = 1_000_000) -> list[str]:
+        """Held-out raw texts (up to `max_chars`) on which the run's tokenizer is measured."""
+        return []
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """Hints for the task's constructor that only the data knows (e.g. the number of
+        classes, the longest target); the task config's own non-null values take precedence."""
+        return {}
 
     # -- training batches --------------------------------------------------------------------
     def _start_step(self) -> int:
@@ -124,3 +134,14 @@ class _IndexDataset:
 
     def __getitem__(self, index: int):
         return self.dm.train_item(index)
+
+
+def capped_texts(texts, max_chars: int) -> list[str]:
+    """The first texts of a stream, up to about `max_chars` characters in all."""
+    out, total = [], 0
+    for text in texts:
+        if total >= max_chars:
+            break
+        out.append(text)
+        total += len(text)
+    return out

@@ -1,4 +1,4 @@
-"""Turning token-id lists into padded tensors for the causal-LM objective."""
+"""Turning token-id lists into padded tensors: causal-LM, seq2seq and classification batches."""
 
 from __future__ import annotations
 
@@ -46,3 +46,25 @@ def causal_lm_batch(
         # Position len(p)-1 predicts the first target token.
         labels[i, len(p) - 1 : len(p) + len(t) - 1] = torch.as_tensor(t, dtype=torch.long)
     return {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], "labels": labels[:, :-1]}
+
+
+def seq2seq_batch(
+    sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], bos_id: int, eos_id: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Encoder input and teacher-forcing pairs for an encoder-decoder.
+
+    `sources` are complete encoder inputs; `targets` are bare target ids. The decoder reads
+    `tgt_in` = <bos> + target and is trained to emit `tgt_out` = target + <eos> (IGNORE_INDEX
+    at the pads), so `tgt_out[b, t]` is the token that follows `tgt_in[b, t]`.
+    """
+    src_ids, src_mask = pad_right(sources, pad_id)
+    tgt_in, tgt_mask = pad_right([[bos_id, *t] for t in targets], pad_id)
+    tgt_out, _ = pad_right([[*t, eos_id] for t in targets], pad_id)
+    tgt_out = tgt_out.masked_fill(tgt_mask == 0, IGNORE_INDEX)
+    return {"src_ids": src_ids, "src_mask": src_mask, "tgt_in": tgt_in, "tgt_out": tgt_out, "tgt_mask": tgt_mask}
+
+
+def classification_batch(sequences: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int) -> dict:
+    """Right-padded token sequences (already framed with <bos>/<eos>) and one label each."""
+    ids, mask = pad_right(sequences, pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(list(labels), dtype=torch.long)}

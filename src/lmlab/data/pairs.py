@@ -1,4 +1,4 @@
-"""Prompt → target examples as a causal-LM data module (the synthetic tasks use it)."""
+"""Source → target examples for a decoder (prompt+target) or an encoder-decoder (pairs)."""
 
 from __future__ import annotations
 
@@ -6,27 +6,44 @@ from collections.abc import Sequence
 
 from torch.utils.data import DataLoader
 
-from lmlab.data.base import LMDataModule
-from lmlab.data.collate import causal_lm_batch, pad_left
+from lmlab.data.base import LMDataModule, capped_texts
+from lmlab.data.collate import causal_lm_batch, pad_left, seq2seq_batch
 from lmlab.data.synthetic import Example, make_splits, validate_task_names
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, check_choice
 from lmlab.tokenizers import build_tokenizer
+
+FORMATS = ("auto", "clm", "seq2seq")
 
 
 class PairsDataModule(LMDataModule):
-    """Each example becomes ``<bos> source <sep> target <eos>``; loss is taken on target+eos.
+    """Source → target examples, served in one of two formats.
 
-    Evaluation batches also carry the left-padded prompts (``<bos> source <sep>``), the target
-    strings and the task names, so the task can score exact match by greedy generation.
+    format="clm" (kind "pairs"): each example is ``<bos> source <sep> target <eos>`` for a
+    decoder; loss is taken on target+eos. Evaluation batches also carry the left-padded prompts
+    (``<bos> source <sep>``) so the task can score exact match by greedy generation.
+
+    format="seq2seq" (kind "seq2seq"): the encoder reads ``source <eos>``, the decoder is
+    teacher-forced on ``<bos> target`` → ``target <eos>`` (see `collate.seq2seq_batch`).
+
+    Evaluation batches of both formats carry the target strings, and the task names when the
+    examples have them (synthetic data), for per-task exact match.
     """
 
-    kind = "pairs"
     sampling = "permutation"
+    #: "clm" or "seq2seq"; subclasses set it before `_tokenize_splits`
+    format: str = "clm"
+    #: whether batches carry each example's task name (synthetic data: one name per task)
+    has_task_names: bool = True
 
     splits: dict[str, list[Example]]
 
+    @property
+    def kind(self) -> str:
+        return "seq2seq" if self.format == "seq2seq" else "pairs"
+
     def _tokenize_splits(self) -> None:
         if self.tokenizer is None:
+            # Both sides: an encoder-decoder shares one vocabulary (and embedding) across them.
             train = self.splits["train"]
             texts = [e.source for e in train] + [e.target for e in train]
             self.tokenizer = build_tokenizer(self.tokenizer_config, texts, cache_dir=self.cache_dir)
@@ -35,18 +52,38 @@ class PairsDataModule(LMDataModule):
         for split, examples in self.splits.items():
             src = tok.encode_batch([e.source for e in examples])
             tgt = tok.encode_batch([e.target for e in examples])
-            self.encoded[split] = [
-                ([tok.bos_id, *s, tok.sep_id], [*t, tok.eos_id]) for s, t in zip(src, tgt)
-            ]
+            self.encoded[split] = self._frame_split(split, src, tgt)
+
+    def _frame_split(self, split: str, sources: list[list[int]], targets: list[list[int]]):
+        return [self._frame(s, t) for s, t in zip(sources, targets)]
+
+    def _frame(self, source: list[int], target: list[int]) -> tuple[list[int], list[int]]:
+        """Token ids of one example → (what the model reads first, the target part)."""
+        tok = self.tokenizer
+        if self.format == "seq2seq":
+            return [*source, tok.eos_id], target
+        return [tok.bos_id, *source, tok.sep_id], [*target, tok.eos_id]
 
     @property
     def max_sequence_length(self) -> int:
+        pairs = [pair for enc in self.encoded.values() for pair in enc]
+        if self.format == "seq2seq":
+            # the decoder reads <bos>+target, the encoder the framed source
+            return max(max(len(s), len(t) + 1) for s, t in pairs)
         # input_ids drop the final token of prompt+target
-        return max(len(p) + len(t) - 1 for enc in self.encoded.values() for p, t in enc)
+        return max(len(p) + len(t) - 1 for p, t in pairs)
 
     @property
     def max_target_length(self) -> int:
-        return max(len(t) for enc in self.encoded.values() for _, t in enc)
+        """Most tokens a model must generate for one target, <eos> included."""
+        extra = 1 if self.format == "seq2seq" else 0  # clm targets already end in <eos>
+        return max(len(t) + extra for enc in self.encoded.values() for _, t in enc)
+
+    def sample_texts(self, max_chars: int = 1_000_000) -> list[str]:
+        return capped_texts((t for e in self.splits["val"] for t in (e.source, e.target)), max_chars)
+
+    def task_kwargs(self) -> dict:
+        return {"max_new_tokens": self.max_target_length}
 
     @property
     def num_train_items(self) -> int:
@@ -56,16 +93,21 @@ class PairsDataModule(LMDataModule):
         return self.encoded["train"][index]
 
     def collate_train(self, items: Sequence[tuple[list[int], list[int]]]) -> dict:
-        prompts, targets = zip(*items)
-        return causal_lm_batch(prompts, targets, self.tokenizer.pad_id)
+        firsts, targets = zip(*items)
+        tok = self.tokenizer
+        if self.format == "seq2seq":
+            return seq2seq_batch(firsts, targets, tok.bos_id, tok.eos_id, tok.pad_id)
+        return causal_lm_batch(firsts, targets, tok.pad_id)
 
     def _collate_eval(self, items: Sequence[tuple[tuple[list[int], list[int]], Example]]) -> dict:
         encoded, examples = zip(*items)
-        prompts, targets = zip(*encoded)
-        batch = causal_lm_batch(prompts, targets, self.tokenizer.pad_id)
-        batch["prompt_ids"], batch["prompt_mask"] = pad_left(prompts, self.tokenizer.pad_id)
+        batch = self.collate_train(encoded)
+        if self.format == "clm":
+            prompts = [p for p, _ in encoded]
+            batch["prompt_ids"], batch["prompt_mask"] = pad_left(prompts, self.tokenizer.pad_id)
         batch["target_text"] = [e.target for e in examples]
-        batch["task"] = [e.task for e in examples]
+        if self.has_task_names:
+            batch["task"] = [e.task for e in examples]
         return batch
 
     def _eval_loader(self, split: str) -> DataLoader:
@@ -84,7 +126,12 @@ class PairsDataModule(LMDataModule):
 
 
 class SyntheticTasksDataModule(PairsDataModule):
-    """`data=synthetic`: the prompt-named integer-sequence tasks of `lmlab.data.synthetic`."""
+    """`data=synthetic`: the prompt-named integer-sequence tasks of `lmlab.data.synthetic`.
+
+    `format`: "clm" (prompt and target in one sequence, for decoders), "seq2seq" (source and
+    target apart, for encoder-decoders) or "auto" (= clm; the run assembly picks seq2seq when
+    the task is seq2seq).
+    """
 
     def __init__(
         self,
@@ -95,9 +142,12 @@ class SyntheticTasksDataModule(PairsDataModule):
         n_train: int = 5000,
         n_val: int = 200,
         n_test: int = 200,
+        format: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        check_choice("data.format", format, FORMATS)
+        self.format = "clm" if format == "auto" else format
         self.tasks = validate_task_names(tasks)
         if n_numbers < 1:
             raise ConfigError("data.n_numbers", n_numbers, reason="must be >= 1")

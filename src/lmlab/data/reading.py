@@ -55,3 +55,12 @@ def list_text_files(path: str | Path) -> list[Path]:
 def read_corpus(path: str | Path) -> str:
     """A file or folder of text files, concatenated in sorted order with newline separators."""
     return "\n".join(read_text_file(p) for p in list_text_files(path))
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a (possibly gzip) text file, without line ends; CRLF and a missing final
+    newline are handled, so `len()` is the file's line count."""
+    text = read_text_file(path)
+    if text.endswith("\n"):
+        text = text[:-1]
+    return [line.removesuffix("\r") for line in text.split("\n")]

@@ -13,36 +13,15 @@ from filelock import FileLock
 
 from lmlab.tokenizers import Tokenizer
 
-# Chunks are cut at line ends so the library's batch encoder can work on them in parallel.
-CHUNK_CHARS = 1 << 16
-
-
-def split_chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
-    chunks, start = [], 0
-    while start < len(text):
-        end = min(start + size, len(text))
-        if end < len(text):
-            nl = text.rfind("\n", start, end)
-            end = nl + 1 if nl > start else end
-        chunks.append(text[start:end])
-        start = end
-    return chunks
-
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
 def encode_to_array(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    dtype = token_dtype(tokenizer.vocab_size)
-    pieces = tokenizer.encode_batch(split_chunks(text))
-    total = sum(len(p) for p in pieces)
-    out = np.empty(total, dtype=dtype)
-    pos = 0
-    for p in pieces:
-        out[pos : pos + len(p)] = p
-        pos += len(p)
-    return out
+    """The whole text in one call: the tokenizer cuts it only where ids stay unchanged and
+    encodes the pieces with its library's parallel batch call."""
+    return tokenizer.encode_to_array(text, token_dtype(tokenizer.vocab_size))
 
 
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:

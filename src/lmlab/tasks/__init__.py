@@ -1,10 +1,17 @@
 """LightningModules = objectives. A task knows its backbone family, never Hydra."""
 
+from lmlab.tasks.base import LMTask
+from lmlab.tasks.classify import ClassificationTask
 from lmlab.tasks.clm import CausalLMTask
+from lmlab.tasks.mlm import MaskedLMTask
+from lmlab.tasks.seq2seq import Seq2SeqTask
 
 #: task name → (LightningModule class, backbone families it can serve, data kinds it reads)
 TASKS = {
     "clm": (CausalLMTask, ("decoder",), ("pairs", "text")),
+    "mlm": (MaskedLMTask, ("encoder",), ("text",)),
+    "classify": (ClassificationTask, ("encoder", "decoder"), ("classification",)),
+    "seq2seq": (Seq2SeqTask, ("encoder_decoder",), ("seq2seq",)),
 }
 
-__all__ = ["CausalLMTask", "TASKS"]
+__all__ = ["TASKS", "CausalLMTask", "ClassificationTask", "LMTask", "MaskedLMTask", "Seq2SeqTask"]

@@ -1,9 +1,11 @@
 """BPETokenizer: byte-pair-encoding subwords trained with the `tokenizers` library.
 
 Pipeline (chosen so ordinary text round-trips exactly, spaces and newlines included):
-  normalizer     NFKC (+ Lowercase), then one "▁" prepended to the whole text
-  pre-tokenizer  runs of newlines isolated; spaces become "▁" and start a new piece
-  model          BPE with <unk> for characters outside the training alphabet
+  normalizer     NFKC by default (`normalization`), `lowercase`, then one "▁" prepended
+  pre-tokenizer  runs of newlines isolated; a literal special ("<eos>") cut apart; digit groups
+                 isolated (`digits`); spaces become "▁" and start a new piece
+  model          BPE with <unk> for characters outside the training alphabet; `dropout` > 0
+                 samples BPE-dropout segmentations when encoding for training
   decoder        "▁" -> space, dropping the one prepended to the first token
 
 Prepending "▁" unconditionally (rather than Metaspace's own "prepend unless the text already
@@ -12,7 +14,7 @@ new piece, no token holds more than one, at its start, so dropping the first tok
 exactly the prepended one.
 
 What decode(encode(text)) does not give back exactly:
-  * NFKC-changed characters come back normalised ("ﬁ" -> "fi", full-width "Ａ" -> "A"), and
+  * normalised characters come back normalised ("ﬁ" -> "fi", full-width "Ａ" -> "A"), and
     lowercased when `lowercase` is set;
   * characters absent from the training text become <unk>, which decode drops by default;
   * a literal "▁" (U+2581) in the text comes back as a space;
@@ -25,42 +27,49 @@ from __future__ import annotations
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as LibraryTokenizer
 
-from lmlab.errors import ConfigError
 from lmlab.tokenizers.base import SPECIAL_TOKENS, UNK_ID, TextStream
-from lmlab.tokenizers.config import NUM_SPECIAL_TOKENS, TokenizerConfig
-from lmlab.tokenizers.pipeline import PipelineTokenizer
+from lmlab.tokenizers.components import digit_splitter, normalizer, sequence, special_guard
+from lmlab.tokenizers.config import TokenizerConfig
+from lmlab.tokenizers.pipeline import TrainedPipelineTokenizer, vocab_too_small
 
 SPACE_MARK = "▁"
 
 
-class BPETokenizer(PipelineTokenizer):
+def metaspace_pipeline(config: TokenizerConfig, model: models.Model) -> LibraryTokenizer:
+    """The SentencePiece-like text handling shared by bpe and unigram (see the module doc)."""
+    library = LibraryTokenizer(model)
+    library.normalizer = normalizer(config, after=[normalizers.Prepend(SPACE_MARK)])
+    library.pre_tokenizer = sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
+            *special_guard([*SPECIAL_TOKENS, *config.special_tokens]),
+            *digit_splitter(config),
+            pre_tokenizers.Metaspace(replacement=SPACE_MARK, prepend_scheme="never", split=True),
+        ]
+    )
+    library.decoder = decoders.Metaspace(
+        replacement=SPACE_MARK, prepend_scheme="always", split=True
+    )
+    return library
+
+
+def single_characters(vocab: list[str], skip: int) -> int:
+    return sum(1 for tok in vocab[skip:] if len(tok) == 1)
+
+
+class BPETokenizer(TrainedPipelineTokenizer):
     kind = "bpe"
 
     @classmethod
     def build_pipeline(
         cls, config: TokenizerConfig
     ) -> tuple[LibraryTokenizer, trainers.BpeTrainer]:
-        library = LibraryTokenizer(models.BPE(unk_token=SPECIAL_TOKENS[UNK_ID]))
-        steps = [normalizers.NFKC()]
-        if config.lowercase:
-            steps.append(normalizers.Lowercase())
-        steps.append(normalizers.Prepend(SPACE_MARK))
-        library.normalizer = normalizers.Sequence(steps)
-        library.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
-                pre_tokenizers.Metaspace(
-                    replacement=SPACE_MARK, prepend_scheme="never", split=True
-                ),
-            ]
-        )
-        library.decoder = decoders.Metaspace(
-            replacement=SPACE_MARK, prepend_scheme="always", split=True
-        )
+        specials = cls.special_strings(config)
+        library = metaspace_pipeline(config, models.BPE(unk_token=specials[UNK_ID]))
         trainer = trainers.BpeTrainer(
             vocab_size=config.vocab_size,
             min_frequency=config.min_frequency,
-            special_tokens=list(SPECIAL_TOKENS),
+            special_tokens=specials,
             show_progress=False,
         )
         return library, trainer
@@ -71,13 +80,6 @@ class BPETokenizer(PipelineTokenizer):
         # The trainer keeps every character of the text even past vocab_size, so a too-small
         # vocab_size shows up only now, as a vocabulary larger than asked for.
         if tokenizer.vocab_size > config.vocab_size:
-            alphabet = sum(1 for tok in tokenizer.vocab[NUM_SPECIAL_TOKENS:] if len(tok) == 1)
-            raise ConfigError(
-                "tokenizer.vocab_size",
-                config.vocab_size,
-                f"an integer >= {alphabet + NUM_SPECIAL_TOKENS}",
-                f"the training text has an alphabet of {alphabet} characters (after normalisation, "
-                f"space as '{SPACE_MARK}'); bpe needs room for them plus the "
-                f"{NUM_SPECIAL_TOKENS} special tokens",
-            )
+            alphabet = single_characters(tokenizer.vocab, config.num_special_tokens)
+            raise vocab_too_small(config, alphabet, f"after normalisation, space as '{SPACE_MARK}'")
         return tokenizer

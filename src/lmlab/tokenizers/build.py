@@ -29,7 +29,7 @@ from lmlab.tokenizers.registry import load_tokenizer, tokenizer_class
 
 # Bump when training changes what a given config + text produces (a new pipeline step, a
 # library upgrade that changes merges), so old cache entries are not reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 CACHE_SUBDIR = "tokenizers"
 _CACHE_INFO = "cache.json"
 
@@ -44,13 +44,13 @@ def build_tokenizer(
     """A tokenizer for `config`, trained on `texts` or loaded from `cache_dir` if built before.
 
     `texts` is a sequence of strings or a zero-argument callable returning an iterable of them
-    (called once per pass). `byte` needs no text. The result's `from_cache` says whether it was
+    (called once per pass). `byte`, `hf` and `sentencepiece` with a `path` need no text. The result's `from_cache` says whether it was
     loaded rather than trained. Raises ConfigError for a config that cannot work, DataError for
     missing or empty training text.
     """
     config = TokenizerConfig.from_dict(config)
     cls = tokenizer_class(config.kind)
-    if config.kind == "byte":  # nothing is learned, so there is nothing to cache
+    if not cls.needs_training_text(config):  # nothing is learned, so nothing to cache
         return cls.train(config, lambda: ())
     if texts is None:
         raise DataError(

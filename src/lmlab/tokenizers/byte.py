@@ -1,4 +1,4 @@
-"""ByteTokenizer: UTF-8 bytes as ids 6..261. Lossless on any text, nothing to train."""
+"""ByteTokenizer: UTF-8 bytes as ids 6..261 (after any extra specials). Lossless, nothing to train."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ from typing import Any
 import numpy as np
 
 from lmlab.errors import DataError
-from lmlab.tokenizers.base import SPECIAL_TOKENS, TextStream, Tokenizer
-from lmlab.tokenizers.config import NUM_SPECIAL_TOKENS, TokenizerConfig
+from lmlab.tokenizers.base import TextStream, Tokenizer
+from lmlab.tokenizers.config import BYTE_ALPHABET, TokenizerConfig
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-F]{2})>")
-_VOCAB = [*SPECIAL_TOKENS, *(f"<0x{b:02X}>" for b in range(256))]
+_BYTE_NAMES = tuple(f"<0x{b:02X}>" for b in range(BYTE_ALPHABET))
 
 
 class ByteTokenizer(Tokenizer):
-    """Byte b is id b + 6; byte tokens are spelled `<0xHH>` (as in SentencePiece byte fallback)."""
+    """Byte b is id b + 6; byte tokens are spelled `<0xHH>` (as in SentencePiece byte fallback).
+
+    Lossless on any text unless the config asks for normalisation or lowercasing.
+    """
 
     kind = "byte"
 
@@ -26,39 +29,54 @@ class ByteTokenizer(Tokenizer):
         return cls(config)
 
     @classmethod
+    def needs_training_text(cls, config: TokenizerConfig) -> bool:
+        return False
+
+    @classmethod
     def from_saved(
         cls, config: TokenizerConfig, record: dict[str, Any], files: dict[str, str], source: Path
     ) -> ByteTokenizer:
-        if record["vocab"] != _VOCAB:
-            raise DataError(source, "byte tokenizer vocabulary is not the 6 specials + 256 bytes")
-        return cls(config)
+        tokenizer = cls(config)
+        if record["vocab"] != tokenizer.vocab:
+            raise DataError(source, "byte tokenizer vocabulary is not the specials + 256 bytes")
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
-        return len(_VOCAB)
+        return self.num_special_tokens + BYTE_ALPHABET
 
     @property
     def vocab(self) -> list[str]:
-        return list(_VOCAB)
+        return [*self.specials, *_BYTE_NAMES]
 
-    def encode(self, text: str) -> list[int]:
-        raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-        return (raw.astype(np.int64) + NUM_SPECIAL_TOKENS).tolist()
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._encode_array(t).tolist() for t in texts]
+
+    def encode_to_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+        return self._encode_array(text, dtype)
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
-        return self._decode_around_specials(ids, skip_special_tokens, _decode_bytes)
+        return self._decode_around_specials(ids, skip_special_tokens, self._decode_bytes)
 
     def id_to_token(self, i: int) -> str | None:
-        return _VOCAB[i] if 0 <= i < len(_VOCAB) else None
+        return self.vocab[i] if 0 <= i < self.vocab_size else None
 
     def token_to_id(self, token: str) -> int | None:
-        if token in SPECIAL_TOKENS:
-            return SPECIAL_TOKENS.index(token)
+        if token in self.specials:
+            return self.specials.index(token)
         match = _BYTE_TOKEN.fullmatch(token)
-        return int(match.group(1), 16) + NUM_SPECIAL_TOKENS if match else None
+        return int(match.group(1), 16) + self.num_special_tokens if match else None
 
+    def _encode_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+        if self.config.lowercase or self.config.effective_normalization != "none":
+            text = self._normalize_text(text)
+        raw = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8)
+        ids = raw.astype(dtype)
+        ids += self.num_special_tokens  # in place: one array, not two
+        return ids
 
-def _decode_bytes(ids: np.ndarray) -> str:
-    # A model can emit byte sequences that are not valid UTF-8; show them as U+FFFD rather than
-    # failing a generation. Text that came from encode always decodes exactly.
-    return (ids - NUM_SPECIAL_TOKENS).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+    def _decode_bytes(self, ids: np.ndarray) -> str:
+        # A model can emit byte sequences that are not valid UTF-8; show them as U+FFFD rather
+        # than failing a generation. Text that came from encode always decodes exactly.
+        raw = (ids - self.num_special_tokens).astype(np.uint8).tobytes()
+        return raw.decode("utf-8", errors="replace")

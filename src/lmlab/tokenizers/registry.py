@@ -9,13 +9,29 @@ from lmlab.errors import ConfigError, DataError
 from lmlab.tokenizers.base import Tokenizer
 from lmlab.tokenizers.bpe import BPETokenizer
 from lmlab.tokenizers.byte import ByteTokenizer
+from lmlab.tokenizers.bytelevel_bpe import ByteLevelBPETokenizer
 from lmlab.tokenizers.char import CharTokenizer
 from lmlab.tokenizers.config import TOKENIZER_KINDS, TokenizerConfig
+from lmlab.tokenizers.hf import HFTokenizer
+from lmlab.tokenizers.sentencepiece import SentencePieceTokenizer
 from lmlab.tokenizers.storage import RECORD_FILE, read_tokenizer_dir
+from lmlab.tokenizers.unigram import UnigramTokenizer
 from lmlab.tokenizers.word import WordTokenizer
+from lmlab.tokenizers.wordpiece import WordPieceTokenizer
 
 TOKENIZER_CLASSES: dict[str, type[Tokenizer]] = {
-    cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, WordTokenizer, BPETokenizer)
+    cls.kind: cls
+    for cls in (
+        CharTokenizer,
+        ByteTokenizer,
+        WordTokenizer,
+        BPETokenizer,
+        ByteLevelBPETokenizer,
+        WordPieceTokenizer,
+        UnigramTokenizer,
+        SentencePieceTokenizer,
+        HFTokenizer,
+    )
 }
 assert tuple(TOKENIZER_CLASSES) == TOKENIZER_KINDS, (
     "config.TOKENIZER_KINDS and the classes disagree"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from tokenizers import Regex, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as LibraryTokenizer
 
-from lmlab.tokenizers.base import SPECIAL_TOKENS, UNK_ID
+from lmlab.tokenizers.base import UNK_ID
+from lmlab.tokenizers.components import digit_splitter, normalizer, sequence
 from lmlab.tokenizers.config import TokenizerConfig
-from lmlab.tokenizers.pipeline import PipelineTokenizer
+from lmlab.tokenizers.pipeline import TrainedPipelineTokenizer
 
 # `\w` is the Unicode word class of the library's regex engine (letters, combining marks,
 # digits, underscore), so Devanagari or Thai words with vowel signs stay whole. Each
@@ -15,7 +16,7 @@ from lmlab.tokenizers.pipeline import PipelineTokenizer
 WORD_PATTERN = r"\w+|[^\w\s]"
 
 
-class WordTokenizer(PipelineTokenizer):
+class WordTokenizer(TrainedPipelineTokenizer):
     """Word-level vocabulary of the `vocab_size - 6` most frequent tokens seen at least
     `min_frequency` times; ties are broken by the token string, so training is deterministic.
 
@@ -29,17 +30,20 @@ class WordTokenizer(PipelineTokenizer):
     def build_pipeline(
         cls, config: TokenizerConfig
     ) -> tuple[LibraryTokenizer, trainers.WordLevelTrainer]:
-        library = LibraryTokenizer(models.WordLevel(unk_token=SPECIAL_TOKENS[UNK_ID]))
-        if config.lowercase:
-            library.normalizer = normalizers.Lowercase()
+        specials = cls.special_strings(config)
+        library = LibraryTokenizer(models.WordLevel(unk_token=specials[UNK_ID]))
+        library.normalizer = normalizer(config)
         # invert=True keeps the matches and drops what lies between them (the whitespace).
-        library.pre_tokenizer = pre_tokenizers.Split(
-            Regex(WORD_PATTERN), behavior="removed", invert=True
+        library.pre_tokenizer = sequence(
+            [
+                *digit_splitter(config),
+                pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="removed", invert=True),
+            ]
         )
         trainer = trainers.WordLevelTrainer(
             vocab_size=config.vocab_size,
             min_frequency=config.min_frequency,
-            special_tokens=list(SPECIAL_TOKENS),
+            special_tokens=specials,
             show_progress=False,
         )
         return library, trainer

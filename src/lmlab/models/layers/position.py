@@ -59,19 +59,70 @@ def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+# YaRN's ramp (Peng et al. 2023, the paper's values for Llama), in rotations a dimension makes
+# over the original context: below ALPHA it is interpolated, above BETA it is left alone.
+YARN_ALPHA, YARN_BETA = 1.0, 32.0
+
+
+def rope_frequencies(
+    head_dim: int,
+    theta: float = 10000.0,
+    scaling: str = "none",
+    factor: float = 1.0,
+    original_max_seq_len: int | None = None,
+) -> tuple[Tensor, float]:
+    """Per-pair rotation frequencies theta^(-2j/D), rescaled for context extension by `factor`.
+
+    Returns (inv_freq [D/2], attention scale for cos/sin). linear: position interpolation
+    (Chen et al. 2023), every frequency / factor. ntk: NTK-aware base scaling, base *
+    factor^(D/(D-2)) -- high frequencies (local order) stay, low ones stretch. yarn: per
+    dimension, a ramp between interpolation and none by how often it turns within the original
+    context, plus the attention temperature sqrt(1/t) = 0.1 ln(factor) + 1 on q and k.
+    """
+    if scaling not in ROPE_SCALINGS:
+        raise ValueError(f"unknown rope scaling {scaling!r} (valid: {', '.join(ROPE_SCALINGS)})")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    if scaling == "ntk":
+        theta = theta * factor ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / theta**exponents
+    scale = 1.0
+    if scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif scaling == "yarn":
+        if original_max_seq_len is None:
+            raise ValueError("yarn scaling needs the original (trained) context length")
+        rotations = original_max_seq_len * inv_freq / (2 * math.pi)
+        keep = ((rotations - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0.0, 1.0)
+        inv_freq = (1 - keep) * inv_freq / factor + keep * inv_freq
+        scale = 0.1 * math.log(factor) + 1.0
+    return inv_freq, scale
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE (Su et al.) in the rotate-half layout used by Llama / HF.
 
     Dimension j of the first half is paired with dimension j + D/2 and rotated by
     pos * theta^(-2j/D), so q·k after rotation depends only on the relative position.
+    `scaling` (see `rope_frequencies`) stretches it to a context `factor` times the trained one.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    def __init__(
+        self,
+        head_dim: int,
+        max_seq_len: int,
+        theta: float = 10000.0,
+        scaling: str = "none",
+        factor: float = 1.0,
+        original_max_seq_len: int | None = None,
+    ):
         super().__init__()
         if head_dim % 2 != 0:
             raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
         self.head_dim = head_dim
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        inv_freq, self.attention_scale = rope_frequencies(
+            head_dim, theta, scaling, factor,
+            max_seq_len if original_max_seq_len is None else original_max_seq_len)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         cos, sin = self._compute(torch.arange(max_seq_len))
         self.register_buffer("cos_cached", cos, persistent=False)
@@ -80,6 +131,8 @@ class RotaryEmbedding(nn.Module):
     def _compute(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
+        if self.attention_scale != 1.0:
+            return emb.cos() * self.attention_scale, emb.sin() * self.attention_scale
         return emb.cos(), emb.sin()
 
     def cos_sin(

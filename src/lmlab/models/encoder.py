@@ -1,0 +1,89 @@
+"""Encoder-only backbone (BERT style): bidirectional self-attention over padded batches.
+
+`forward(input_ids, attention_mask) -> hidden` is what every encoder task consumes (MLM,
+classification); `mlm_logits(hidden)` is the masked-LM head. Layout, for weight import:
+
+    embed_tokens, encoder.pos_embed, encoder.embed_norm (post-LN) | encoder.norm (pre-LN),
+    encoder.layers.{i}.{attn_norm, attn.{q,k,v,o}_proj, ffn_norm, ffn.{up,gate,down}_proj},
+    mlm_transform.{dense, norm}, lm_head (weight tied to embed_tokens, own bias)
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmlab.errors import ConfigError
+from lmlab.models.config import ModelConfig
+from lmlab.models.layers.moe import collect_auxiliary_losses, collect_expert_load
+from lmlab.models.layers.norm import build_norm
+from lmlab.models.stack import TransformerStack, init_weights
+
+
+class MLMTransform(nn.Module):
+    """BERT's prediction-head transform: norm(gelu(dense(h))), before the tied output layer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.norm = build_norm(config.norm, config.d_model, config.norm_eps)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.norm(F.gelu(self.dense(h)))
+
+
+class EncoderModel(nn.Module):
+    """`forward(input_ids, attention_mask=None) -> hidden [B, T, d_model]`.
+
+    attention_mask is 1 for real tokens: pads are never attended to, so a real token's output
+    is the same whatever the padding. Pad positions get finite but meaningless outputs.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        if config.vocab_size <= 0:
+            raise ConfigError("model.vocab_size", config.vocab_size, "the tokenizer's vocab size",
+                              "must be set from the tokenizer before building the model")
+        self.config = config
+        d = config.d_model
+        self.embed_tokens = nn.Embedding(config.padded_vocab_size, d)
+        self.encoder = TransformerStack(config, config.n_layers, causal=False)
+        self.mlm_transform = MLMTransform(config) if config.mlm_head else None
+        # The output bias is per-token prior that a tied weight cannot express (BERT has one).
+        self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=config.bias)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.config.init_std, [self.encoder])
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.encoder(self.embed_tokens(input_ids), attention_mask)
+
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Same as `forward`: the name every backbone shares for pooling heads."""
+        return self(input_ids, attention_mask)
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [B, T, d_model] (or any [..., d_model]) -> logits [..., padded_vocab_size].
+
+        Pass only the masked positions' hidden states to skip the vocabulary projection for
+        the other 85%.
+        """
+        if self.mlm_transform is not None:
+            hidden = self.mlm_transform(hidden)
+        return self.lm_head(hidden)
+
+    def auxiliary_losses(self) -> dict[str, Tensor]:
+        """Weighted MoE losses of the last forward ({} without MoE layers)."""
+        return collect_auxiliary_losses(self)
+
+    def expert_load(self) -> Tensor | None:
+        """[n_moe_layers, n_experts] routing fractions of the last forward, or None."""
+        return collect_expert_load(self)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count; a tied embedding/lm_head weight is counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

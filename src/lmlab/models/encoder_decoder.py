@@ -1,0 +1,150 @@
+"""Encoder-decoder backbone: the original Transformer (Vaswani et al.) and T5 in one class.
+
+A bidirectional encoder stack reads the source once; a causal decoder stack with
+cross-attention predicts the target. Source and target share one embedding matrix, tied to
+the output projection when `tie_embeddings` (so the source and target vocabularies are one
+tokenizer's). Layout, for weight import:
+
+    embed_tokens, lm_head,
+    encoder.{pos_embed | relative_bias, embed_norm | norm, layers.{i}.{attn_norm, attn.*,
+             ffn_norm, ffn.*}},
+    decoder.{pos_embed | relative_bias, embed_norm | norm, layers.{i}.{attn_norm, attn.*,
+             cross_norm, cross_attn.{q,k,v,o}_proj, ffn_norm, ffn.*}}
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lmlab.errors import ConfigError
+from lmlab.models.cache import KVCache
+from lmlab.models.config import ModelConfig
+from lmlab.models.layers.moe import collect_auxiliary_losses, collect_expert_load
+from lmlab.models.stack import TransformerStack, init_weights
+
+
+class Seq2SeqCache:
+    """Decoder state for incremental decoding.
+
+    `self_attn` grows by one position per step; `memory_kv` (every layer's cross-attention
+    keys/values) is filled by the first `decode` call and then only read, because the memory
+    does not change during a generation.
+    """
+
+    def __init__(self, self_attn: KVCache):
+        self.self_attn = self_attn
+        self.memory_kv: list[tuple[Tensor, Tensor]] | None = None
+
+    @property
+    def length(self) -> int:
+        return self.self_attn.length
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i continues the hypothesis that was row index[i] (beam search).
+
+        Only the self-attention cache moves: beam search permutes rows within the beams of
+        one source sentence, which all hold the same memory keys/values.
+        """
+        n = self.self_attn.length
+        for store in (self.self_attn.keys, self.self_attn.values):
+            for layer_cache in store:
+                layer_cache[:, :, :n] = layer_cache[:, :, :n].index_select(0, index)
+
+
+class EncoderDecoderModel(nn.Module):
+    """`forward(src_ids, src_mask, tgt_ids, cache=None) -> logits [B, T_tgt, padded_vocab]`.
+
+    Targets are teacher-forced (`tgt_ids` = <bos> + target, right-padded); the decoder is
+    causal, so right padding never reaches a real target token and needs no mask.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        if config.vocab_size <= 0:
+            raise ConfigError("model.vocab_size", config.vocab_size, "the tokenizer's vocab size",
+                              "must be set from the tokenizer before building the model")
+        self.config = config
+        d = config.d_model
+        n_dec = config.n_decoder_layers or config.n_layers
+        self.embed_tokens = nn.Embedding(config.padded_vocab_size, d)
+        self.encoder = TransformerStack(config, config.n_layers, causal=False)
+        self.decoder = TransformerStack(config, n_dec, causal=True, cross_attention=True)
+        self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.config.init_std, [self.encoder, self.decoder])
+
+    def encode(self, src_ids: Tensor, src_mask: Tensor | None = None) -> Tensor:
+        """src_ids [B, S] (padded either side), src_mask 1 = real -> memory [B, S, d_model]."""
+        return self.encoder(self.embed_tokens(src_ids), src_mask)
+
+    def decode(
+        self,
+        tgt_ids: Tensor,
+        memory: Tensor | None,
+        src_mask: Tensor | None = None,
+        cache: Seq2SeqCache | None = None,
+    ) -> Tensor:
+        """tgt_ids [B, T] (the new target tokens when a cache holds the earlier ones) -> logits.
+
+        memory may be None once `cache` holds its projected keys/values.
+        """
+        if cache is not None and cache.memory_kv is not None:
+            memory_kv = cache.memory_kv
+        elif memory is None:
+            raise ValueError("decode needs the encoder memory (or a cache that already has it)")
+        else:
+            memory_kv = self.decoder.project_memory(memory)
+            if cache is not None:
+                cache.memory_kv = memory_kv
+        h = self.decoder(
+            self.embed_tokens(tgt_ids),
+            cache=cache.self_attn if cache is not None else None,
+            memory_kv=memory_kv,
+            memory_mask=src_mask,
+        )
+        return self.lm_head(h)
+
+    def forward(
+        self,
+        src_ids: Tensor,
+        src_mask: Tensor | None,
+        tgt_ids: Tensor,
+        cache: Seq2SeqCache | None = None,
+    ) -> Tensor:
+        memory = None
+        if cache is None or cache.memory_kv is None:
+            memory = self.encode(src_ids, src_mask)
+        return self.decode(tgt_ids, memory, src_mask, cache)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Seq2SeqCache:
+        """An empty decoder cache for `max_len` target positions (<bos> included)."""
+        weight = self.embed_tokens.weight
+        return Seq2SeqCache(self.decoder.new_cache(
+            batch_size, max_len,
+            device=weight.device if device is None else device,
+            dtype=weight.dtype if dtype is None else dtype,
+        ))
+
+    def auxiliary_losses(self) -> dict[str, Tensor]:
+        """Weighted MoE losses of the last forward ({} without MoE layers)."""
+        return collect_auxiliary_losses(self)
+
+    def expert_load(self) -> Tensor | None:
+        """[n_moe_layers, n_experts] routing fractions of the last forward, or None."""
+        return collect_expert_load(self)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count; the shared embedding / output weight is counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

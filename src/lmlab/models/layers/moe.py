@@ -1,0 +1,216 @@
+"""Mixture-of-experts FFN: a router sends each token to a few expert FFNs.
+
+Token choice (`router="topk"`): every token takes its top_k experts (1 = Switch, 2 =
+Mixtral, whose top-k gates are renormalised to sum to 1). With a capacity, each expert takes
+at most `capacity` assignments; the overflow is dropped and a token that loses all its
+experts passes through the residual connection only. Expert choice (`router="expert_choice"`,
+Zhou et al. 2022): every expert takes its top-C tokens, which balances load by construction
+but lets a token's routing depend on later tokens of the batch, so it is not causal.
+
+Routing is vectorised; the only loop is over experts, each applied to its gathered tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmlab.models.layers.ffn import FeedForward
+
+ROUTERS = ("topk", "expert_choice")
+
+
+def expert_capacity(n_tokens: int, n_experts: int, top_k: int,
+                    capacity_factor: float | None) -> int | None:
+    """Assignments one expert may take: factor * top_k * tokens / experts (GShard), rounded up.
+
+    None (dropless) for token choice without a factor; expert choice always needs a capacity
+    and reads a missing factor as 1 (each token gets top_k experts on average).
+    """
+    if capacity_factor is None:
+        return None
+    return max(1, math.ceil(capacity_factor * top_k * n_tokens / n_experts))
+
+
+def route_top_k(
+    probs: Tensor,
+    top_k: int,
+    capacity: int | None = None,
+    token_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Token choice over router probabilities [N, E].
+
+    Returns the kept assignments as flat (token index, expert index, gate) tensors, plus every
+    token's chosen experts [N, top_k] before dropping (what the balancing loss measures).
+    Queue order for capacity: all first choices before any second choice (GShard), and within
+    one choice rank earlier tokens of the flattened batch first. Masked tokens are not routed.
+    """
+    N, E = probs.shape
+    gate, chosen = probs.topk(top_k, dim=-1)  # [N, k]
+    if top_k > 1:
+        gate = gate / gate.sum(dim=-1, keepdim=True)
+    keep = torch.ones_like(chosen, dtype=torch.bool)
+    if token_mask is not None:
+        keep = keep & token_mask.bool()[:, None]
+    if capacity is not None:
+        claims = F.one_hot(chosen.T, E) * keep.T[..., None]  # [k, N, E], choice-major
+        queue = claims.flatten(0, 1).cumsum(0).view(top_k, N, E) - 1
+        position = queue.gather(-1, chosen.T[..., None]).squeeze(-1).T  # [N, k]
+        keep = keep & (position < capacity)
+    token = torch.arange(N, device=probs.device)[:, None].expand(N, top_k)
+    return token[keep], chosen[keep], gate[keep], chosen
+
+
+def route_expert_choice(
+    probs: Tensor,
+    capacity: int,
+    token_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Expert choice: expert e takes the `capacity` tokens with the highest probs[:, e].
+
+    Returns flat (token index, expert index, gate = that probability). Masked tokens score
+    below any probability, so they are picked only when capacity exceeds the real tokens,
+    and those picks are discarded.
+    """
+    N, E = probs.shape
+    scores = probs if token_mask is None else probs.masked_fill(~token_mask.bool()[:, None], -1.0)
+    gate, token = scores.T.topk(min(capacity, N), dim=-1)  # [E, C]
+    expert = torch.arange(E, device=probs.device)[:, None].expand_as(token)
+    keep = gate >= 0
+    return token[keep], expert[keep], gate[keep]
+
+
+def _token_weights(n: int, token_mask: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    weights = (torch.ones(n, device=device) if token_mask is None
+               else token_mask.reshape(-1).to(torch.float32))
+    return weights, weights.sum().clamp(min=1.0)
+
+
+def expert_fractions(chosen: Tensor, n_experts: int, token_mask: Tensor | None = None) -> Tensor:
+    """f_e: the fraction of (token, choice) assignments that picked expert e; sums to 1."""
+    weights, n = _token_weights(chosen.shape[0], token_mask, chosen.device)
+    counts = F.one_hot(chosen, n_experts).to(torch.float32).sum(dim=1)  # [N, E]
+    return (counts * weights[:, None]).sum(0) / (n * chosen.shape[1])
+
+
+def load_balancing_loss(probs: Tensor, chosen: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """Switch Transformer auxiliary loss n_experts * sum_e f_e * P_e.
+
+    f_e (`expert_fractions`) is not differentiable; P_e, the mean router probability of e,
+    carries the gradient. It is 1 for perfectly uniform routing.
+    """
+    n_experts = probs.shape[-1]
+    weights, n = _token_weights(probs.shape[0], token_mask, probs.device)
+    mean_prob = (probs.float() * weights[:, None]).sum(0) / n
+    return n_experts * (expert_fractions(chosen, n_experts, token_mask) * mean_prob).sum()
+
+
+def router_z_loss(logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(router logits)^2 (keeps logits small)."""
+    weights, n = _token_weights(logits.shape[0], token_mask, logits.device)
+    return (torch.logsumexp(logits.float(), dim=-1).square() * weights).sum() / n
+
+
+class MoEFeedForward(nn.Module):
+    """Drop-in replacement for `FeedForward`: experts `experts.{i}`, router Linear `router`.
+
+    After each forward, `last_aux_loss` / `last_z_loss` hold the weighted losses and
+    `last_load` the per-expert fraction of routing decisions (see `collect_auxiliary_losses`).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        kind: str = "gelu",
+        n_experts: int = 8,
+        top_k: int = 2,
+        capacity_factor: float | None = None,
+        router: str = "topk",
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.001,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"unknown router {router!r} (valid: {', '.join(ROUTERS)})")
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be in 1..n_experts={n_experts}, got {top_k}")
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.router_kind = router
+        self.aux_loss_weight = aux_loss_weight
+        self.z_loss_weight = z_loss_weight
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(d_model, d_ff, kind, bias) for _ in range(n_experts))
+        self.last_aux_loss: Tensor | None = None
+        self.last_z_loss: Tensor | None = None
+        self.last_load: Tensor | None = None
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        """x [..., d_model]; token_mask [...] (1 = real token) keeps pads out of routing."""
+        flat = x.reshape(-1, x.shape[-1])
+        mask = None if token_mask is None else token_mask.reshape(-1).bool()
+        # Routing in float32: softmax/top-k ties in bf16 would make routing noisy.
+        logits = self.router(flat).float()
+        probs = logits.softmax(dim=-1)
+        n_real = flat.shape[0] if mask is None else int(mask.sum())
+
+        if self.router_kind == "topk":
+            capacity = expert_capacity(n_real, self.n_experts, self.top_k, self.capacity_factor)
+            token, expert, gate, chosen = route_top_k(probs, self.top_k, capacity, mask)
+            aux = load_balancing_loss(probs, chosen, mask)
+            load = expert_fractions(chosen, self.n_experts, mask)
+        else:
+            factor = 1.0 if self.capacity_factor is None else self.capacity_factor
+            capacity = expert_capacity(n_real, self.n_experts, self.top_k, factor)
+            token, expert, gate = route_expert_choice(probs, capacity, mask)
+            aux = probs.new_zeros(())  # balanced by construction
+            counts = torch.bincount(expert, minlength=self.n_experts).to(torch.float32)
+            load = counts / counts.sum().clamp(min=1.0)
+
+        self.last_aux_loss = self.aux_loss_weight * aux
+        self.last_z_loss = self.z_loss_weight * router_z_loss(logits, mask)
+        self.last_load = load.detach()
+        return self._dispatch(flat, token, expert, gate).view_as(x)
+
+    def _dispatch(self, x: Tensor, token: Tensor, expert: Tensor, gate: Tensor) -> Tensor:
+        """Sum gate * expert(x) into each assignment's token; unrouted tokens stay zero."""
+        order = expert.argsort(stable=True)
+        token, gate = token[order], gate[order]
+        counts = torch.bincount(expert, minlength=self.n_experts).tolist()
+        out: Tensor | None = None
+        # Every expert runs, even on zero tokens, so all of them are in the autograd graph
+        # (DDP without find_unused_parameters requires it).
+        for e, (idx, g) in enumerate(zip(token.split(counts), gate.split(counts))):
+            y = self.experts[e](x[idx])
+            if out is None:  # the experts' dtype, which autocast may make differ from x's
+                out = x.new_zeros(x.shape, dtype=y.dtype)
+            out.index_add_(0, idx, y * g[:, None].to(y.dtype))
+        return out
+
+
+def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+def collect_auxiliary_losses(model: nn.Module) -> dict[str, Tensor]:
+    """The weighted MoE losses of the model's last forward, averaged over its MoE layers (so
+    a weight means the same whatever `moe_every` and the depth); {} without MoE layers."""
+    layers = [m for m in moe_layers(model) if m.last_aux_loss is not None]
+    if not layers:
+        return {}
+    return {
+        "moe/aux_loss": torch.stack([m.last_aux_loss for m in layers]).mean(),
+        "moe/z_loss": torch.stack([m.last_z_loss for m in layers]).mean(),
+    }
+
+
+def collect_expert_load(model: nn.Module) -> Tensor | None:
+    """[n_moe_layers, n_experts]: per layer, the fraction of routing decisions per expert."""
+    loads = [m.last_load for m in moe_layers(model) if m.last_load is not None]
+    return torch.stack(loads) if loads else None

@@ -1,0 +1,188 @@
+"""What every task shares: backbone + tokenizer, optimisation, checkpoint metadata, the
+backbone's auxiliary losses (MoE load balancing, router z-loss) and expert-load logging."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import SumMetric
+
+from lmlab.checkpoint import METADATA_KEY, tokenizer_files
+from lmlab.errors import ConfigError
+from lmlab.tokenizers import Tokenizer
+
+
+def split_weight_decay(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases, norm weights, 1-d parameters and parameters flagged
+    `_no_weight_decay` (Mamba's A_log and D) are not decayed."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            decays = p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)
+            (decay if decays else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def backbone_family(backbone: nn.Module) -> str:
+    """"decoder" | "encoder" | "encoder_decoder", from the backbone's ModelConfig."""
+    return getattr(getattr(backbone, "config", None), "family", "decoder")
+
+
+class RatioMeter(nn.Module):
+    """sum(numerators) / sum(denominators) over an evaluation, synchronised across ranks.
+
+    Token-weighted losses and accuracies need the ratio of sums, not the mean of batch means.
+    Metric states are not persistent, so meters never enter checkpoints.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.num = SumMetric()
+        self.den = SumMetric()
+
+    def update(self, numerator: Tensor, denominator: Tensor) -> None:
+        self.num.update(numerator)
+        self.den.update(denominator)
+
+    def compute(self) -> Tensor:
+        return self.num.compute() / self.den.compute().clamp_min(1)
+
+    def reset(self) -> None:
+        self.num.reset()
+        self.den.reset()
+
+
+class EvalMeters(nn.Module):
+    """Ratio meters per evaluation dataloader: dataloader 0 is the main one; extra ones (longer
+    windows, see `TextCorpusDataModule.eval_seq_lens`) are named by their sequence length.
+
+    `results()` gives {"": {"loss": ...}, "@512": {"loss": ...}} and resets, so a task logs
+    `val/loss` and `val/loss@512` from one loop.
+    """
+
+    def __init__(self, names: tuple[str, ...]):
+        super().__init__()
+        self.names = names
+        self.per_loader = nn.ModuleList([self._new()])
+        self.lengths: dict[int, int] = {}
+
+    def _new(self) -> nn.ModuleDict:
+        return nn.ModuleDict({name: RatioMeter() for name in self.names})
+
+    def update(self, dataloader_idx: int, length: int, **values: tuple[Tensor, Tensor]) -> None:
+        while len(self.per_loader) <= dataloader_idx:
+            device = next(iter(self.per_loader[0].values())).num.device  # torchmetrics tracks it
+            self.per_loader.append(self._new().to(device))
+        self.lengths[dataloader_idx] = length
+        for name, (numerator, denominator) in values.items():
+            self.per_loader[dataloader_idx][name].update(numerator, denominator)
+
+    def results(self) -> dict[str, dict[str, Tensor]]:
+        out = {}
+        for idx, meters in enumerate(self.per_loader):
+            if idx and idx not in self.lengths:
+                continue  # a dataloader this evaluation did not run
+            suffix = f"@{self.lengths[idx]}" if idx else ""
+            out[suffix] = {name: meter.compute() for name, meter in meters.items()}
+            for meter in meters.values():
+                meter.reset()
+        self.lengths.clear()
+        return out
+
+
+class LMTask(L.LightningModule):
+    """Base LightningModule of the objectives.
+
+    Subclasses implement their steps and call `self.training_loss(loss, batch_size)` on the
+    objective's loss: it adds the backbone's auxiliary losses (when it has any) and logs
+    `train/loss` and each auxiliary term. The optimizer covers every trainable parameter of the
+    task, so heads a task adds on top of the backbone train too.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: Tokenizer,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        checkpoint_metadata: dict[str, Any] | None = None,
+        weight_decay: float = 0.1,
+        expert_load_every: int = 50,
+    ):
+        super().__init__()
+        if weight_decay < 0:
+            raise ConfigError("task.weight_decay", weight_decay, reason="must be >= 0")
+        if expert_load_every < 0:
+            raise ConfigError("task.expert_load_every", expert_load_every, reason="must be >= 0 (0 = off)")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.weight_decay = weight_decay
+        self.expert_load_every = expert_load_every
+        self.checkpoint_metadata = dict(checkpoint_metadata or {})
+        # Counted on device and checkpointed, so resumed runs report the true total.
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+
+    # -- training loss with the backbone's auxiliary terms -------------------------------------
+    def training_loss(self, loss: Tensor, batch_size: int) -> Tensor:
+        """The objective's loss plus the backbone's (already weighted) auxiliary losses.
+
+        `train/loss` stays the objective alone, so it is comparable between dense and MoE runs;
+        `train/total_loss` is what is optimised when auxiliary terms exist.
+        """
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        aux = self.backbone.auxiliary_losses() if hasattr(self.backbone, "auxiliary_losses") else {}
+        if aux:
+            for name, value in aux.items():
+                self.log(f"train/{name}", value, batch_size=batch_size)
+            loss = loss + sum(aux.values())
+            self.log("train/total_loss", loss, batch_size=batch_size)
+        self._log_expert_load()
+        return loss
+
+    def _log_expert_load(self) -> None:
+        """`train/expert_load_max` every step: the busiest expert's share of routed tokens times
+        the number of experts (1.0 = perfectly balanced), averaged over MoE layers. Every
+        `expert_load_every` steps the whole [layer, expert] table goes to the loggers directly
+        (`train/expert_load/layer<i>/expert<j>`): too many series to log each step.
+        """
+        load = self.backbone.expert_load() if hasattr(self.backbone, "expert_load") else None
+        if load is None:
+            return
+        load = load.detach().float()
+        self.log("train/expert_load_max", (load.max(dim=-1).values * load.shape[-1]).mean())
+        if not self.expert_load_every or self.global_step % self.expert_load_every or not self.loggers:
+            return
+        table = load.cpu().tolist()
+        values = {
+            f"train/expert_load/layer{i}/expert{j}": share
+            for i, row in enumerate(table)
+            for j, share in enumerate(row)
+        }
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.global_step)
+
+    def count_tokens(self, mask: Tensor) -> None:
+        self.tokens_seen += mask.sum()
+
+    # -- checkpoint and optimisation -------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "tokenizer_files" not in self.checkpoint_metadata:
+            self.checkpoint_metadata["tokenizer_files"] = tokenizer_files(self.tokenizer)
+        checkpoint[METADATA_KEY] = self.checkpoint_metadata
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(split_weight_decay(self, self.weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 1
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

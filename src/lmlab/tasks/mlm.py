@@ -1,0 +1,122 @@
+"""`task=mlm`: BERT masked-language modelling on text windows, masked on the fly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmlab.data.collate import IGNORE_INDEX
+from lmlab.errors import ConfigError
+from lmlab.tasks.base import EvalMeters, LMTask
+from lmlab.tasks.masking import bert_mask, seeded_generator
+from lmlab.tokenizers import Tokenizer
+
+# Separate seed streams for training and each evaluation split.
+STREAMS = {"train": 0, "val": 1, "test": 2}
+
+
+class MaskedLMTask(LMTask):
+    """Wraps an encoder backbone (`forward(input_ids, attention_mask) -> hidden`,
+    `mlm_logits(hidden)`) with the masked-LM objective.
+
+    Reads text batches (their next-token `labels` are ignored) and masks them itself, so one
+    corpus serves clm and mlm alike. Every mask is drawn from a generator seeded by (seed,
+    split, step or batch index): training is exactly reproducible on resume, and validation
+    masks the same positions at every evaluation, so numbers are comparable across a run.
+
+    Logs `train/loss`, `{val,test}/loss`, `{val,test}/ppl` (over masked tokens) and
+    `{val,test}/acc` (masked-token accuracy); `@<len>` variants for extra evaluation lengths.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: Tokenizer,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        checkpoint_metadata: dict[str, Any] | None = None,
+        weight_decay: float = 0.01,
+        mask_prob: float = 0.15,
+        mask_token_prob: float = 0.8,
+        random_token_prob: float = 0.1,
+        seed: int = 0,
+        expert_load_every: int = 50,
+    ):
+        super().__init__(backbone, tokenizer, optimizer, scheduler, checkpoint_metadata, weight_decay,
+                         expert_load_every)
+        if not 0.0 < mask_prob < 1.0:
+            raise ConfigError("task.mask_prob", mask_prob, reason="must be in (0, 1)")
+        for name, value in (("mask_token_prob", mask_token_prob), ("random_token_prob", random_token_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"task.{name}", value, reason="must be in [0, 1]")
+        if mask_token_prob + random_token_prob > 1.0:
+            raise ConfigError("task.random_token_prob", random_token_prob,
+                              reason=f"task.mask_token_prob + task.random_token_prob = "
+                              f"{mask_token_prob + random_token_prob} exceeds 1")
+        if tokenizer.vocab_size <= tokenizer.num_special_tokens:
+            raise ConfigError("tokenizer.vocab_size", tokenizer.vocab_size,
+                              reason="mlm needs ordinary tokens besides the specials to replace with")
+        self.mask_prob = mask_prob
+        self.mask_token_prob = mask_token_prob
+        self.random_token_prob = random_token_prob
+        self.seed = seed
+        self.eval_meters = EvalMeters(("loss", "acc"))
+
+    def mask(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        tok = self.tokenizer
+        return bert_mask(
+            batch["input_ids"], batch.get("attention_mask"), tok.mask_id, tok.num_special_tokens, tok.vocab_size,
+            self.mask_prob, self.mask_token_prob, self.random_token_prob, generator,
+        )
+
+    def masked_logits(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(logits over the real vocabulary, original ids) at the chosen positions only: the
+        head runs on the ~15% of positions that carry a loss, not on every token."""
+        masked_ids, labels = self.mask(batch, generator)
+        hidden = self.backbone(masked_ids, batch.get("attention_mask"))
+        chosen = labels != IGNORE_INDEX
+        logits = self.backbone.mlm_logits(hidden[chosen][None])[0]
+        return logits[:, : self.tokenizer.vocab_size].float(), labels[chosen]
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        rank = self.global_rank if self._trainer is not None else 0
+        generator = seeded_generator(self.seed, STREAMS["train"], self.global_step, batch_idx % accumulate, rank)
+        logits, targets = self.masked_logits(batch, generator)
+        # A sum over zero chosen tokens is 0 with a gradient path, where a mean would be NaN.
+        loss = F.cross_entropy(logits, targets, reduction="sum") / max(targets.numel(), 1)
+        self.count_tokens(batch["attention_mask"])
+        return self.training_loss(loss, batch["input_ids"].shape[0])
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str, dataloader_idx: int) -> None:
+        generator = seeded_generator(self.seed, STREAMS[stage], dataloader_idx, batch_idx)
+        logits, targets = self.masked_logits(batch, generator)
+        n = torch.tensor(targets.numel(), device=logits.device)
+        self.eval_meters.update(
+            dataloader_idx, batch["input_ids"].shape[1],
+            loss=(F.cross_entropy(logits, targets, reduction="sum"), n),
+            acc=((logits.argmax(-1) == targets).sum(), n),
+        )
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for suffix, values in self.eval_meters.results().items():
+            self.log(f"{stage}/loss{suffix}", values["loss"], prog_bar=not suffix)
+            self.log(f"{stage}/ppl{suffix}", torch.exp(values["loss"].clamp(max=50.0)))
+            self.log(f"{stage}/acc{suffix}", values["acc"], prog_bar=not suffix)
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, "val", dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, "test", dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")

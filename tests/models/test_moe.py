@@ -1,0 +1,186 @@
+"""Mixture of experts: routing against naive per-token references, capacity, losses, accounting."""
+
+import pytest
+import torch
+
+from lmlab.models import DecoderLM, ModelConfig
+from lmlab.models.layers.ffn import FeedForward
+from lmlab.models.layers.moe import (
+    MoEFeedForward,
+    load_balancing_loss,
+    route_expert_choice,
+    route_top_k,
+    router_z_loss,
+)
+
+TINY = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+
+
+def _moe(seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = MoEFeedForward(16, 24, **{"kind": "gelu", "n_experts": 4, "top_k": 2, **kw})
+    # Larger router weights spread the probabilities, so top-k choices are not near-ties.
+    torch.nn.init.normal_(layer.router.weight, std=1.0)
+    return layer.eval()
+
+
+def _naive_top_k(layer: MoEFeedForward, x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """One token at a time: softmax, top-k, renormalise (k > 1), weighted sum of experts."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        probs = torch.softmax(layer.router(x[n]).float(), dim=-1)
+        gates, experts = probs.topk(top_k)
+        if top_k > 1:
+            gates = gates / gates.sum()
+        for g, e in zip(gates, experts):
+            out[n] += g * layer.experts[int(e)](x[n][None])[0]
+    return out
+
+
+def test_one_expert_equals_dense_ffn():
+    dense = FeedForward(16, 24, "swiglu")
+    moe = MoEFeedForward(16, 24, "swiglu", n_experts=1, top_k=1, capacity_factor=None)
+    moe.experts[0].load_state_dict(dense.state_dict())
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(moe(x), dense(x), atol=1e-6, rtol=0)
+
+
+def test_one_expert_decoder_equals_dense_decoder():
+    torch.manual_seed(0)
+    dense = DecoderLM(ModelConfig(**TINY, ffn="gelu")).eval()
+    moe = DecoderLM(ModelConfig(**TINY, ffn="moe", expert_ffn="gelu", n_experts=1, top_k=1)).eval()
+    state = {k.replace(".ffn.", ".ffn.experts.0."): v for k, v in dense.state_dict().items()}
+    state.update({k: v for k, v in moe.state_dict().items() if "router" in k})
+    moe.load_state_dict(state)
+    ids = torch.randint(0, 50, (2, 7))
+    torch.testing.assert_close(moe(ids), dense(ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+def test_top_k_routing_equals_per_token_loop(top_k, kind):
+    layer = _moe(top_k=top_k, kind=kind)
+    x = torch.randn(2, 6, 16)
+    expected = _naive_top_k(layer, x.reshape(-1, 16), top_k).view_as(x)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+
+
+def test_masked_tokens_are_not_routed_and_do_not_change_the_others():
+    layer = _moe(top_k=2)
+    x = torch.randn(1, 6, 16)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    out = layer(x, mask)
+    assert torch.equal(out[0, :2], torch.zeros(2, 16))
+    torch.testing.assert_close(out[:, 2:], layer(x[:, 2:]), atol=1e-6, rtol=0)
+    assert layer.last_load.sum().item() == pytest.approx(1.0)
+
+
+def test_capacity_drops_exactly_the_overflow():
+    # Six tokens, two experts, top-1: tokens 0, 1, 3, 5 pick expert 0; capacity 2 keeps the
+    # first two of them; expert 1 (tokens 2, 4) has room.
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
+    token, expert, gate, _ = route_top_k(probs, top_k=1, capacity=2)
+    assert sorted(zip(token.tolist(), expert.tolist())) == [(0, 0), (1, 0), (2, 1), (4, 1)]
+    torch.testing.assert_close(gate, probs[token, expert])
+
+    # Top-2: every first choice queues before any second choice.
+    token, expert, _, _ = route_top_k(probs, top_k=2, capacity=3)
+    kept = sorted(zip(token.tolist(), expert.tolist()))
+    # Expert 0: first choices 0, 1, 3 fill it (5 dropped); expert 1: first choices 2, 4, then
+    # the second choice of token 0.
+    assert kept == [(0, 0), (0, 1), (1, 0), (2, 1), (3, 0), (4, 1)]
+
+
+def test_dropped_tokens_pass_through_as_zero_ffn_output():
+    layer = _moe(top_k=1, n_experts=2, capacity_factor=0.5)  # capacity = ceil(0.5*8/2) = 2
+    x = torch.randn(8, 16)
+    probs = torch.softmax(layer.router(x), dim=-1)
+    token, _, _, _ = route_top_k(probs, 1, capacity=2)
+    out = layer(x)
+    dropped = sorted(set(range(8)) - set(token.tolist()))
+    assert len(token) == 4 and len(dropped) == 4
+    assert torch.equal(out[dropped], torch.zeros(4, 16))
+    kept = token.tolist()
+    torch.testing.assert_close(out[kept], _naive_top_k(layer, x, 1)[kept], atol=1e-5, rtol=0)
+
+
+def test_aux_and_z_loss_equal_their_formulas_on_hand_made_router_output():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, 2.0, 0.5]])
+    probs = logits.softmax(-1)
+    chosen = torch.tensor([[0], [1], [2], [1]])
+    # f = (1/4, 2/4, 1/4); P = mean probability per expert; loss = 3 * sum f * P.
+    f = torch.tensor([0.25, 0.5, 0.25])
+    expected = 3 * (f * probs.mean(0)).sum()
+    torch.testing.assert_close(load_balancing_loss(probs, chosen), expected)
+    torch.testing.assert_close(router_z_loss(logits), (torch.logsumexp(logits, -1) ** 2).mean())
+    # Masked tokens are left out of both.
+    mask = torch.tensor([1, 1, 0, 1])
+    f_masked = torch.tensor([1 / 3, 2 / 3, 0.0])
+    expected = 3 * (f_masked * probs[[0, 1, 3]].mean(0)).sum()
+    torch.testing.assert_close(load_balancing_loss(probs, chosen, mask), expected)
+    uniform = torch.full((4, 3), 1 / 3)
+    assert load_balancing_loss(uniform, torch.tensor([[0], [1], [2], [0]])).item() == pytest.approx(1.0)
+
+
+def test_expert_choice_picks_each_experts_top_c():
+    torch.manual_seed(1)
+    probs = torch.randn(10, 4).softmax(-1)
+    token, expert, gate = route_expert_choice(probs, capacity=3)
+    for e in range(4):
+        picked = sorted(token[expert == e].tolist())
+        assert picked == sorted(probs[:, e].topk(3).indices.tolist())
+    torch.testing.assert_close(gate, probs[token, expert])
+    # Pads are never picked, even when the capacity exceeds the real tokens.
+    mask = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    token, _, _ = route_expert_choice(probs, capacity=5, token_mask=mask)
+    assert set(token.tolist()) <= {0, 1}
+
+
+def test_expert_choice_layer_equals_naive_reference():
+    layer = _moe(router="expert_choice", top_k=1, n_experts=4, capacity_factor=1.0)
+    x = torch.randn(12, 16)  # capacity = ceil(1 * 1 * 12 / 4) = 3 per expert
+    probs = torch.softmax(layer.router(x), dim=-1)
+    expected = torch.zeros_like(x)
+    for e in range(4):
+        for t in probs[:, e].topk(3).indices.tolist():
+            expected[t] += probs[t, e] * layer.experts[e](x[t][None])[0]
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+
+
+def test_backbone_exposes_weighted_losses_and_load():
+    torch.manual_seed(0)
+    config = ModelConfig(**{**TINY, "n_layers": 4}, ffn="moe", n_experts=4, top_k=2, moe_every=2,
+                         aux_loss_weight=0.5, z_loss_weight=0.25)
+    model = DecoderLM(config)
+    assert [type(layer.ffn).__name__ for layer in model.layers] == [
+        "FeedForward", "MoEFeedForward", "FeedForward", "MoEFeedForward"]
+    assert model.auxiliary_losses() == {} and model.expert_load() is None
+    ids = torch.randint(0, 50, (2, 9))
+    logits = model(ids)
+    losses = model.auxiliary_losses()
+    assert set(losses) == {"moe/aux_loss", "moe/z_loss"}
+    raw = torch.stack([model.layers[i].ffn.last_aux_loss for i in (1, 3)]).mean()
+    torch.testing.assert_close(losses["moe/aux_loss"], raw)
+    assert losses["moe/aux_loss"].item() >= 0.5 * 0.99  # the balancing loss is >= 1 (weighted 0.5)
+    load = model.expert_load()
+    assert load.shape == (2, 4)
+    torch.testing.assert_close(load.sum(-1), torch.ones(2))
+    (logits.logsumexp(-1).mean() + sum(losses.values())).backward()
+    assert model.layers[1].ffn.router.weight.grad.abs().sum() > 0
+    # Dense models report nothing.
+    dense = DecoderLM(ModelConfig(**TINY))
+    dense(ids)
+    assert dense.auxiliary_losses() == {} and dense.expert_load() is None
+
+
+def test_moe_cached_generation_equals_recomputation(left_pad):
+    from lmlab.models import generate
+
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(**TINY, ffn="moe", n_experts=4, top_k=2, init_std=0.2)).eval()
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [11, 12]])
+    cached = generate(model, ids, mask, max_new_tokens=6)
+    assert torch.equal(cached, generate(model, ids, mask, max_new_tokens=6, use_cache=False))
+    alone = generate(model, torch.tensor([[11, 12]]), max_new_tokens=6)
+    assert torch.equal(cached[1], alone[0])
+

@@ -1,0 +1,63 @@
+"""Masked LM: loss exactly on the chosen tokens, deterministic evaluation, a tiny BERT trains."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab import ConfigError
+from lmlab.data import TextCorpusDataModule
+from lmlab.data.collate import IGNORE_INDEX
+from lmlab.tasks import MaskedLMTask
+from lmlab.tasks.masking import seeded_generator
+from tests.conftest import SHAKESPEARE
+from tests.tasks.conftest import adamw, fit, tiny_backbone
+
+
+@pytest.fixture(scope="module")
+def text_dm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "a.txt"
+    path.write_text(SHAKESPEARE.read_text()[:60000])
+    dm = TextCorpusDataModule(path=path, seq_len=32, batch_size=8, max_eval_windows=16,
+                              tokenizer={"kind": "word", "vocab_size": 400}, eval_seq_lens=[64])
+    dm.setup()
+    return dm
+
+
+def _task(dm, **kw):
+    return MaskedLMTask(tiny_backbone("encoder", dm.tokenizer.vocab_size), dm.tokenizer, adamw(), **kw)
+
+
+def test_loss_covers_exactly_the_chosen_tokens(text_dm):
+    task = _task(text_dm)
+    batch = next(iter(text_dm.train_dataloader()))
+    logits, targets = task.masked_logits(batch, seeded_generator(1))
+    masked, labels = task.mask(batch, seeded_generator(1))
+    assert targets.numel() == (labels != IGNORE_INDEX).sum() > 0
+    # the same loss as the head over every position with non-chosen labels ignored
+    full = task.backbone.mlm_logits(task.backbone(masked, batch["attention_mask"]))
+    reference = F.cross_entropy(full[..., : text_dm.tokenizer.vocab_size].flatten(0, 1), labels.flatten(),
+                                ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(F.cross_entropy(logits, targets), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_mlm_trains_and_evaluates_deterministically(text_dm):
+    task = _task(text_dm, seed=3)
+    metrics = fit(task, text_dm, steps=6)
+    for key in ("train/loss", "val/loss", "val/ppl", "val/acc", "val/loss@64", "val/acc@64",
+                "test/loss", "test/acc"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["val/acc"] <= 1.0 and metrics["val/loss"] > 0
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, limit_val_batches=2, accelerator="cpu")
+    first = trainer.validate(task, datamodule=text_dm, verbose=False)
+    second = trainer.validate(task, datamodule=text_dm, verbose=False)
+    assert first == second  # the same masks at every evaluation
+
+
+def test_bad_probabilities_are_config_errors(text_dm):
+    with pytest.raises(ConfigError, match="task.mask_prob"):
+        _task(text_dm, mask_prob=0.0)
+    with pytest.raises(ConfigError, match="task.random_token_prob"):
+        _task(text_dm, mask_token_prob=0.8, random_token_prob=0.3)
