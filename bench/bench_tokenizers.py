@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.tokenizers import Tokenizer, build_tokenizer
+from lmlab.tokenizers import TOKENIZER_KINDS, Tokenizer, build_tokenizer
+from lmlab.tokenizers.chunking import split_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,24 +50,12 @@ def _token_cache_module():
 
 
 _token_cache = _token_cache_module()
-pipeline_encode, split_chunks, token_dtype = (
+pipeline_encode, token_dtype = (
     _token_cache.encode_to_array,
-    _token_cache.split_chunks,
     _token_cache.token_dtype,
 )
 CORPUS = (ROOT / ".." / "shared" / "data" / "tinystories" / "train_sample_2MiB.txt").resolve()
 HF_FIXTURE = ROOT / "tests" / "tokenizers" / "fixtures" / "gpt2_style" / "tokenizer.json"
-KINDS = (
-    "char",
-    "byte",
-    "word",
-    "bpe",
-    "bytelevel_bpe",
-    "wordpiece",
-    "unigram",
-    "sentencepiece",
-    "hf",
-)
 TRAIN_CHARS = 300_000
 VOCAB_SIZE = 4096
 
@@ -104,7 +93,7 @@ def build(kind: str, train_text: str, cache: str) -> Tokenizer:
 
 
 def bench(kind: str, tokenizer: Tokenizer, text: str, repeats: int) -> dict[str, object]:
-    chunks = split_chunks(text)
+    chunks = split_text(text)  # the same cuts the pipeline makes, fed to the library directly
     dtype = token_dtype(tokenizer.vocab_size)
     raw = raw_encoder(tokenizer)
     variants = {
@@ -154,7 +143,9 @@ def markdown(rows: list[dict[str, object]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="128 KiB and 5 repeats (< 30 s)")
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument(
+        "--kinds", nargs="+", default=list(TOKENIZER_KINDS), choices=TOKENIZER_KINDS
+    )
     args = parser.parse_args()
     corpus = CORPUS.read_text(encoding="utf-8")
     text = corpus[: 128 * 1024] if args.quick else corpus

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.models.backbone import check_buildable
 from lmlab.models.config import FAMILIES, ModelConfig
 from lmlab.models.decoder import DecoderLM
 from lmlab.models.encoder import EncoderModel
@@ -19,10 +20,7 @@ FAMILY_CLASSES: dict[str, type[nn.Module]] = {
 
 
 def build_backbone(config: ModelConfig) -> nn.Module:
-    config.validate()
-    if config.vocab_size <= 0:
-        raise ConfigError("model.vocab_size", config.vocab_size, "the tokenizer's vocab size",
-                          "must be set from the tokenizer before building the model")
+    check_buildable(config)
     if config.hf_path:
         from lmlab.models.hf_backbone import HFBackbone  # transformers is imported only when needed
 

@@ -7,31 +7,18 @@ hybrids of attention and Mamba layers: every choice is a `ModelConfig` field.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from lmlab.errors import ConfigError
+from lmlab.models.backbone import Backbone, init_weights
 from lmlab.models.cache import KVCache, LayerKVCache, LayerSSMCache
 from lmlab.models.config import ModelConfig
 from lmlab.models.layers.attention import MultiHeadAttention
 from lmlab.models.layers.ffn import build_ffn
 from lmlab.models.layers.mamba import MambaMixer
 from lmlab.models.layers.mask import build_attention_mask, sliding_window_mask
-from lmlab.models.layers.moe import collect_auxiliary_losses, collect_expert_load
 from lmlab.models.layers.norm import build_norm
-from lmlab.models.layers.position import (
-    LearnedPositionalEmbedding,
-    RotaryEmbedding,
-    SinusoidalPositionalEmbedding,
-    alibi_bias,
-    alibi_slopes,
-)
-from lmlab.models.layers.relative_position import RelativePositionBias
-
-# Linear layers that write into the residual stream (depth-scaled at init).
-RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "out_proj.weight")
+from lmlab.models.positions import PositionScheme, real_token_positions
 
 
 class DecoderBlock(nn.Module):
@@ -88,7 +75,7 @@ class DecoderBlock(nn.Module):
         return x + self.resid_dropout(self.ffn(self.ffn_norm(x), token_mask))
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(Backbone, PositionScheme):
     """Causal LM: `forward(input_ids, attention_mask=None, cache=None) -> logits`.
 
     Logits span the padded vocabulary; ids >= `config.vocab_size` are padding that the
@@ -96,29 +83,10 @@ class DecoderLM(nn.Module):
     """
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        config.validate()
-        if config.vocab_size <= 0:
-            raise ConfigError("model.vocab_size", config.vocab_size, "the tokenizer's vocab size",
-                              "must be set from the tokenizer before building the model")
-        self.config = config
+        super().__init__(config)
         d = config.d_model
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, d)
-        if config.position == "learned":
-            self.pos_embed = LearnedPositionalEmbedding(config.max_seq_len, d)
-        elif config.position == "sinusoidal":
-            self.pos_embed = SinusoidalPositionalEmbedding(config.max_seq_len, d)
-        if config.position == "rope":
-            self.rotary = RotaryEmbedding(
-                config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling,
-                config.rope_scaling_factor, config.original_max_seq_len)
-        if config.position == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads), persistent=False)
-        if config.position == "relative":
-            self.relative_bias = RelativePositionBias(
-                config.relative_buckets, config.n_heads, config.relative_max_distance,
-                bidirectional=False)
-        self.embed_scale = math.sqrt(d) if config.scale_embeddings else 1.0
+        self.init_positions(config, causal=True)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.n_layers))
         self.norm = build_norm(config.norm, d, config.norm_eps)
@@ -134,18 +102,7 @@ class DecoderLM(nn.Module):
         expert's, Mamba's out_proj) get std / sqrt(2 * n_layers) to keep the stream's variance
         independent of depth. Mamba's SSM parameters then get their own init.
         """
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.reset_parameters()
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, param in self.layers.named_parameters():
-            if name.endswith(RESIDUAL_PROJECTIONS):
-                nn.init.normal_(param, mean=0.0, std=residual_std)
+        init_weights(self, self.config.init_std, [(self.layers, 2 * self.config.n_layers)])
         for module in self.modules():
             if isinstance(module, MambaMixer):
                 module.reset_ssm_parameters()
@@ -174,25 +131,14 @@ class DecoderLM(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         S = past + T
-        self._check_lengths(B, T, S, attention_mask, cache)
+        self.check_lengths(B, T, S, attention_mask, cache,
+                           f"a forward over {S} positions ({past} cached + {T} new)")
 
-        key_positions = self._positions(attention_mask, S, input_ids.device)  # [B or 1, S]
+        key_positions = real_token_positions(attention_mask, S, input_ids.device)  # [B or 1, S]
         position_ids = key_positions[:, past:]
-        h = self.embed_tokens(input_ids)
-        if self.embed_scale != 1.0:
-            h = h * self.embed_scale
-        if self.config.position == "learned":
-            h = h + self.pos_embed(position_ids)
-        elif self.config.position == "sinusoidal":
-            h = h + self.pos_embed(position_ids, S).to(h.dtype)
-        h = self.embed_dropout(h)
+        h = self.embed_dropout(self.embed_positions(self.embed_tokens(input_ids), position_ids, S))
 
-        rotary = self.rotary.cos_sin(position_ids, S) if self.config.position == "rope" else None
-        bias = None
-        if self.config.position == "alibi":
-            bias = alibi_bias(self.alibi_slopes, position_ids, key_positions)
-        elif self.config.position == "relative":
-            bias = self.relative_bias(position_ids, key_positions)
+        rotary, bias = self.position_terms(position_ids, key_positions, S)
         window = None
         if self.config.sliding_window is not None and S > self.config.sliding_window:
             window = sliding_window_mask(position_ids, key_positions, self.config.sliding_window,
@@ -207,30 +153,6 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.norm(h)
-
-    @staticmethod
-    def _positions(attention_mask: Tensor | None, S: int, device: torch.device) -> Tensor:
-        """Position of every key: counted over real tokens, so left pads shift nothing.
-
-        Pads before the first real token get position 0 (they are never attended to).
-        """
-        if attention_mask is None:
-            return torch.arange(S, device=device)[None]
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-    def _check_lengths(self, B: int, T: int, S: int, attention_mask: Tensor | None,
-                       cache: KVCache | None) -> None:
-        if self.config.position == "learned" and S > self.config.max_seq_len:
-            past = S - T
-            raise ConfigError(
-                "model.max_seq_len", self.config.max_seq_len, f"an integer >= {S}",
-                f"a forward over {S} positions ({past} cached + {T} new) does not fit: learned "
-                "position embeddings exist only for positions < max_seq_len")
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
-            raise ValueError(f"attention_mask must have shape {(B, S)} (batch, cached + new "
-                             f"tokens), got {tuple(attention_mask.shape)}")
-        if cache is not None:
-            cache.check_room(B, T)
 
     def new_cache(
         self,
@@ -254,15 +176,3 @@ class DecoderLM(nn.Module):
             ssm_layers=[i for i, kind in enumerate(config.layer_mixers) if kind == "mamba"],
             ssm_dims=(config.d_inner, config.d_conv, config.d_state),
         )
-
-    def auxiliary_losses(self) -> dict[str, Tensor]:
-        """Weighted MoE losses of the last forward ({} without MoE layers); add to the loss."""
-        return collect_auxiliary_losses(self)
-
-    def expert_load(self) -> Tensor | None:
-        """[n_moe_layers, n_experts] fraction of routing decisions per expert, last forward."""
-        return collect_expert_load(self)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameter count; a tied embedding/lm_head weight is counted once."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

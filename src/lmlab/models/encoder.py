@@ -13,11 +13,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.errors import ConfigError
+from lmlab.models.backbone import Backbone, init_weights
 from lmlab.models.config import ModelConfig
-from lmlab.models.layers.moe import collect_auxiliary_losses, collect_expert_load
 from lmlab.models.layers.norm import build_norm
-from lmlab.models.stack import TransformerStack, init_weights
+from lmlab.models.stack import TransformerStack
 
 
 class MLMTransform(nn.Module):
@@ -32,7 +31,7 @@ class MLMTransform(nn.Module):
         return self.norm(F.gelu(self.dense(h)))
 
 
-class EncoderModel(nn.Module):
+class EncoderModel(Backbone):
     """`forward(input_ids, attention_mask=None) -> hidden [B, T, d_model]`.
 
     attention_mask is 1 for real tokens: pads are never attended to, so a real token's output
@@ -40,12 +39,7 @@ class EncoderModel(nn.Module):
     """
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        config.validate()
-        if config.vocab_size <= 0:
-            raise ConfigError("model.vocab_size", config.vocab_size, "the tokenizer's vocab size",
-                              "must be set from the tokenizer before building the model")
-        self.config = config
+        super().__init__(config)
         d = config.d_model
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, d)
         self.encoder = TransformerStack(config, config.n_layers, causal=False)
@@ -57,7 +51,7 @@ class EncoderModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def reset_parameters(self) -> None:
-        init_weights(self, self.config.init_std, [self.encoder])
+        init_weights(self, self.config.init_std, [(self.encoder, self.encoder.n_residual_writes)])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.encoder(self.embed_tokens(input_ids), attention_mask)
@@ -75,15 +69,3 @@ class EncoderModel(nn.Module):
         if self.mlm_transform is not None:
             hidden = self.mlm_transform(hidden)
         return self.lm_head(hidden)
-
-    def auxiliary_losses(self) -> dict[str, Tensor]:
-        """Weighted MoE losses of the last forward ({} without MoE layers)."""
-        return collect_auxiliary_losses(self)
-
-    def expert_load(self) -> Tensor | None:
-        """[n_moe_layers, n_experts] routing fractions of the last forward, or None."""
-        return collect_expert_load(self)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameter count; a tied embedding/lm_head weight is counted once."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

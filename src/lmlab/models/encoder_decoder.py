@@ -17,11 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lmlab.errors import ConfigError
+from lmlab.models.backbone import Backbone, init_weights
 from lmlab.models.cache import KVCache
 from lmlab.models.config import ModelConfig
-from lmlab.models.layers.moe import collect_auxiliary_losses, collect_expert_load
-from lmlab.models.stack import TransformerStack, init_weights
+from lmlab.models.stack import TransformerStack
 
 
 class Seq2SeqCache:
@@ -52,7 +51,7 @@ class Seq2SeqCache:
                 layer_cache[:, :, :n] = layer_cache[:, :, :n].index_select(0, index)
 
 
-class EncoderDecoderModel(nn.Module):
+class EncoderDecoderModel(Backbone):
     """`forward(src_ids, src_mask, tgt_ids, cache=None) -> logits [B, T_tgt, padded_vocab]`.
 
     Targets are teacher-forced (`tgt_ids` = <bos> + target, right-padded); the decoder is
@@ -60,12 +59,7 @@ class EncoderDecoderModel(nn.Module):
     """
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        config.validate()
-        if config.vocab_size <= 0:
-            raise ConfigError("model.vocab_size", config.vocab_size, "the tokenizer's vocab size",
-                              "must be set from the tokenizer before building the model")
-        self.config = config
+        super().__init__(config)
         d = config.d_model
         n_dec = config.n_decoder_layers or config.n_layers
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, d)
@@ -77,7 +71,8 @@ class EncoderDecoderModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def reset_parameters(self) -> None:
-        init_weights(self, self.config.init_std, [self.encoder, self.decoder])
+        init_weights(self, self.config.init_std,
+                     [(s, s.n_residual_writes) for s in (self.encoder, self.decoder)])
 
     def encode(self, src_ids: Tensor, src_mask: Tensor | None = None) -> Tensor:
         """src_ids [B, S] (padded either side), src_mask 1 = real -> memory [B, S, d_model]."""
@@ -136,15 +131,3 @@ class EncoderDecoderModel(nn.Module):
             device=weight.device if device is None else device,
             dtype=weight.dtype if dtype is None else dtype,
         ))
-
-    def auxiliary_losses(self) -> dict[str, Tensor]:
-        """Weighted MoE losses of the last forward ({} without MoE layers)."""
-        return collect_auxiliary_losses(self)
-
-    def expert_load(self) -> Tensor | None:
-        """[n_moe_layers, n_experts] routing fractions of the last forward, or None."""
-        return collect_expert_load(self)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameter count; the shared embedding / output weight is counted once."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from lmlab.models.config import ModelConfig
-from lmlab.models.hf.mapping import HFWeights, require
+from lmlab.models.hf.mapping import HFWeights, import_lm_head, require
 from lmlab.models.hf.vocab import VocabLayout
 
 ARCHITECTURE = "BertForMaskedLM"
@@ -80,8 +80,6 @@ def import_weights(w: HFWeights, config: ModelConfig, vocab: VocabLayout) -> dic
         state[f"{ours}.bias"] = w(f"{theirs}.bias")
     bias = "cls.predictions.bias" if w.has("cls.predictions.bias") else "cls.predictions.decoder.bias"
     state["lm_head.bias"] = vocab.place(w(bias))
-    if config.tie_embeddings or not w.has("cls.predictions.decoder.weight"):
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    else:
-        state["lm_head.weight"] = vocab.place(w("cls.predictions.decoder.weight"))
+    state["lm_head.weight"] = import_lm_head(w, state, config, vocab,
+                                             "cls.predictions.decoder.weight")
     return state

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lmlab.models.config import FFNS, ModelConfig
-from lmlab.models.hf.mapping import HFWeights, export_error, require, unsupported
+from lmlab.models.hf.mapping import HFWeights, export_error, import_lm_head, require, unsupported
 from lmlab.models.hf.vocab import VocabLayout
 
 ARCHITECTURE = "GPT2LMHeadModel"
@@ -91,10 +91,7 @@ def import_weights(w: HFWeights, config: ModelConfig, vocab: VocabLayout) -> dic
         for name, theirs in _CONV1D.items():
             state[f"{ours}{name}.weight"] = w(f"{hf}{theirs}.weight").t()
             state[f"{ours}{name}.bias"] = w(f"{hf}{theirs}.bias")
-    if config.tie_embeddings or not w.has("lm_head.weight"):
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    else:
-        state["lm_head.weight"] = vocab.place(w("lm_head.weight"))
+    state["lm_head.weight"] = import_lm_head(w, state, config, vocab)
     return state
 
 

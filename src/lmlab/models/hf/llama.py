@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from lmlab.models.config import ModelConfig
-from lmlab.models.hf.mapping import HFWeights, export_error, require, unsupported
+from lmlab.models.hf.mapping import HFWeights, export_error, import_lm_head, require, unsupported
 from lmlab.models.hf.vocab import VocabLayout
 
 ARCHITECTURE = "LlamaForCausalLM"
@@ -95,10 +95,7 @@ def import_weights(w: HFWeights, config: ModelConfig, vocab: VocabLayout) -> dic
                 state[f"layers.{i}.{ours}.bias"] = w(f"model.layers.{i}.{theirs}.bias")
         for ours, theirs in _LAYER_NORMS.items():
             state[f"layers.{i}.{ours}.weight"] = w(f"model.layers.{i}.{theirs}.weight")
-    if config.tie_embeddings or not w.has("lm_head.weight"):
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    else:
-        state["lm_head.weight"] = vocab.place(w("lm_head.weight"))
+    state["lm_head.weight"] = import_lm_head(w, state, config, vocab)
     return state
 
 

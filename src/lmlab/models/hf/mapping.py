@@ -1,4 +1,5 @@
-"""Shared helpers of the per-architecture converters: checked weight lookup and errors."""
+"""Shared helpers of the per-architecture converters: checked weight lookup, the output layer
+and errors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 from torch import Tensor
 
 from lmlab.errors import ConfigError
+from lmlab.models.config import ModelConfig
+from lmlab.models.hf.vocab import VocabLayout
 
 
 class HFWeights:
@@ -42,6 +45,15 @@ class HFWeights:
         if self.prefix and name.startswith(self.prefix) and name[len(self.prefix):] in self.state:
             return name[len(self.prefix):]
         return None
+
+
+def import_lm_head(w: HFWeights, state: dict[str, Tensor], config: ModelConfig,
+                   vocab: VocabLayout, name: str = "lm_head.weight") -> Tensor:
+    """lmlab's `lm_head.weight`: the embedding when tied or when the checkpoint stores no
+    output layer (`name`), else the checkpoint's own, its rows placed like the embedding's."""
+    if config.tie_embeddings or not w.has(name):
+        return state["embed_tokens.weight"]
+    return vocab.place(w(name))
 
 
 def unsupported(directory: Path, architecture: str, key: str, value: Any,
