@@ -42,3 +42,10 @@ def test_seed_changes_the_order_and_random_mode_is_in_range():
     assert _take(StepBatchSampler(50, 5, seed=0), 3) != _take(StepBatchSampler(50, 5, seed=1), 3)
     for batch in _take(StepBatchSampler(7, 16, seed=0, mode="random"), 4):
         assert all(0 <= i < 7 for i in batch)
+
+
+def test_with_step_items_carry_their_step():
+    batches = _take(StepBatchSampler(20, 4, seed=0, start_step=3, with_step=True), 2)
+    plain = _take(StepBatchSampler(20, 4, seed=0, start_step=3), 2)
+    assert [[i for _, i in b] for b in batches] == plain
+    assert {s for s, _ in batches[0]} == {3} and {s for s, _ in batches[1]} == {4}

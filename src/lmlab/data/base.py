@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader
 
 from lmlab.data.sampling import StepBatchSampler
@@ -103,6 +104,7 @@ class LMDataModule(L.LightningDataModule, ABC):
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             mode=self.sampling,
+            with_step=self.stochastic_training,
         )
         return DataLoader(
             _IndexDataset(self),
@@ -112,9 +114,19 @@ class LMDataModule(L.LightningDataModule, ABC):
             persistent_workers=self.num_workers > 0,
         )
 
+    @property
+    def stochastic_training(self) -> bool:
+        """Training batches are re-tokenized with the tokenizer's sampling (BPE-dropout,
+        Unigram sampling, StochasTok); evaluation always uses the deterministic ids."""
+        return self.tokenizer is not None and self.tokenizer.is_stochastic
+
+    def training_rng(self, step: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, step, index])
+
     @abstractmethod
-    def train_item(self, index: int) -> Any:
-        """Training item number `index` (what `collate_train` receives a list of)."""
+    def train_item(self, index: int, step: int | None = None) -> Any:
+        """Training item number `index` (what `collate_train` receives a list of); `step` is
+        given when tokenization is stochastic, to seed it (see `training_rng`)."""
 
     @property
     @abstractmethod
@@ -132,8 +144,11 @@ class _IndexDataset:
     def __init__(self, dm: LMDataModule):
         self.dm = dm
 
-    def __getitem__(self, index: int):
-        return self.dm.train_item(index)
+    def __getitem__(self, key):
+        if isinstance(key, tuple):  # (step, index) when tokenization is stochastic
+            step, index = key
+            return self.dm.train_item(index, step)
+        return self.dm.train_item(key)
 
 
 def capped_texts(texts, max_chars: int) -> list[str]:

@@ -175,8 +175,12 @@ class ClassificationDataModule(LMDataModule):
     def num_train_items(self) -> int:
         return len(self.encoded["train"])
 
-    def train_item(self, index: int) -> tuple[list[int], int]:
-        return self.encoded["train"][index]
+    def train_item(self, index: int, step: int | None = None) -> tuple[list[int], int]:
+        if step is None:
+            return self.encoded["train"][index]
+        tok, (_, label) = self.tokenizer, self.encoded["train"][index]
+        tokens = tok.encode(self.rows["train"][index].text, training=True, rng=self.training_rng(step, index))
+        return [tok.bos_id, *tokens[: self.max_length - 2], tok.eos_id], label
 
     def collate_train(self, items: list[tuple[list[int], int]]) -> dict:
         sequences, labels = zip(*items)

@@ -89,8 +89,13 @@ class PairsDataModule(LMDataModule):
     def num_train_items(self) -> int:
         return len(self.encoded["train"])
 
-    def train_item(self, index: int):
-        return self.encoded["train"][index]
+    def train_item(self, index: int, step: int | None = None):
+        if step is None:
+            return self.encoded["train"][index]
+        example, rng = self.splits["train"][index], self.training_rng(step, index)
+        tok = self.tokenizer
+        return self._frame(tok.encode(example.source, training=True, rng=rng),
+                           tok.encode(example.target, training=True, rng=rng))
 
     def collate_train(self, items: Sequence[tuple[list[int], list[int]]]) -> dict:
         firsts, targets = zip(*items)

@@ -28,6 +28,7 @@ class StepBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         mode: str = "permutation",
+        with_step: bool = False,
     ):
         if num_items <= 0:
             raise ValueError("StepBatchSampler needs at least one item")
@@ -38,6 +39,9 @@ class StepBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.mode = mode
+        # Stochastic tokenization draws its randomness from (seed, step, item): items then
+        # carry their step, so a resumed run re-draws exactly what the uninterrupted one did.
+        self.with_step = with_step
         self._perm_cache: tuple[int, np.ndarray] | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -60,8 +64,9 @@ class StepBatchSampler(Sampler[list[int]]):
             out[sel] = self._permutation(int(epoch))[positions[sel] % self.num_items]
         return out.tolist()
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         step = self.start_step
         while True:
-            yield self.batch_at(step)
+            batch = self.batch_at(step)
+            yield [(step, i) for i in batch] if self.with_step else batch
             step += 1

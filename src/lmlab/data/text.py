@@ -74,6 +74,14 @@ class TextCorpusDataModule(LMDataModule):
         if self.tokenizer is None:
             sample = parts["train"][: self.tokenizer_train_chars]
             self.tokenizer = build_tokenizer(self.tokenizer_config, [sample], cache_dir=self.cache_dir)
+        config = self.tokenizer.config
+        for name in ("dropout", "alpha"):
+            if getattr(config, name, 0):
+                raise ConfigError(
+                    f"tokenizer.{name}", getattr(config, name),
+                    reason="data=text trains on windows of a corpus tokenized once; sampling segmentations "
+                    "needs the raw text: use tokenizer.stochastok, or data=synthetic|parallel|classification",
+                )
         text_hash = hashlib.sha256(text.encode()).hexdigest()
         fractions = f"{self.val_fraction}:{self.test_fraction}"
         self.tokens = {
@@ -106,8 +114,12 @@ class TextCorpusDataModule(LMDataModule):
     def num_train_items(self) -> int:
         return len(self.tokens["train"]) - self.seq_len
 
-    def train_item(self, index: int) -> np.ndarray:
-        return self.tokens["train"][index : index + self.seq_len + 1]
+    def train_item(self, index: int, step: int | None = None) -> np.ndarray:
+        window = self.tokens["train"][index : index + self.seq_len + 1]
+        if step is None:
+            return window
+        # StochasTok re-splits already tokenized ids, so it works on the memory-mapped windows.
+        return self.tokenizer.stochastok(window, self.training_rng(step, index))[: self.seq_len + 1]
 
     def collate_train(self, items: list[np.ndarray]) -> dict:
         windows = torch.from_numpy(np.stack(items).astype(np.int64))
