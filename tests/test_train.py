@@ -251,3 +251,25 @@ def test_export_merges_lora_and_is_usable_as_init_from(make_cfg, tmp_path):
     x = torch.randint(6, 40, (2, 9))
     torch.testing.assert_close(merged(x), adapted(x))
     assert cli_main(["export", str(tmp_path / "nope.ckpt"), str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [(["model.d_model=64"], "model.d_model"), (["peft=lora"], "peft.method"),
+     (["tokenizer=char"], "tokenizer.kind")],
+)
+def test_resuming_with_another_shape_or_tokenizer_is_a_config_error(make_cfg, change, field):
+    run(make_cfg(["trainer.max_steps=2"]))
+    cfg = make_cfg(["trainer.max_steps=4", *change])  # same run dir: would resume
+    with pytest.raises(ConfigError) as info:
+        run(cfg)
+    assert info.value.field == field
+
+
+def test_unwritable_output_dir(make_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = make_cfg([])
+    cfg.paths.output_dir = str(blocker / "run")
+    with pytest.raises(ConfigError, match="paths.output_dir"):
+        run(cfg)

@@ -15,13 +15,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lmlab.checkpoint import InitSource, load_init_source
+from lmlab.checkpoint import InitSource, ResumeSource, load_init_source
 from lmlab.data import LMDataModule
 from lmlab.errors import ConfigError
 from lmlab.instantiate import accepted_keys, check_node, instantiate_checked
 from lmlab.models import ModelConfig, build_backbone
 from lmlab.peft import PeftStrategy, build_peft_strategy
 from lmlab.tasks import TASKS
+from lmlab.tokenizers import TokenizerConfig
 
 
 @dataclass
@@ -125,7 +126,7 @@ def check_lengths(dm: LMDataModule, model_cfg: ModelConfig) -> None:
         )
 
 
-def build_parts(cfg: DictConfig, resume_tokenizer=None) -> RunParts:
+def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts:
     init = load_init_source(cfg.init_from) if cfg.get("init_from") else None
     model_cfg = model_config_from(cfg, init)
     check_hf_pairing(cfg, model_cfg)
@@ -133,6 +134,9 @@ def build_parts(cfg: DictConfig, resume_tokenizer=None) -> RunParts:
     task_cls, task_kwargs = check_task(cfg, model_cfg)
     strategy = build_peft_strategy(to_container(cfg.peft))
     strategy.check(probe)
+    if resume is not None:
+        resume.check_matches(model_cfg.to_dict(), strategy.to_dict(),
+                             TokenizerConfig.from_dict(to_container(cfg.tokenizer)).to_dict())
     for group in ("optimizer", "scheduler"):
         if cfg.get(group) is not None:
             check_node(cfg[group], group, provided={"params", "optimizer", "total_steps"})
@@ -142,7 +146,7 @@ def build_parts(cfg: DictConfig, resume_tokenizer=None) -> RunParts:
             if node is not None and "_target_" in node:
                 check_node(node, f"{group}.{name}")
 
-    dm = build_datamodule(cfg, init, resume_tokenizer)
+    dm = build_datamodule(cfg, init, resume.tokenizer if resume is not None else None)
     if dm.kind not in TASKS[cfg.task.name][2]:
         raise ConfigError("data", type(dm).__name__, reason=f"task={cfg.task.name} cannot read {dm.kind} data")
     check_lengths(dm, model_cfg)

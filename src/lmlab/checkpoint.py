@@ -115,6 +115,46 @@ def load_init_source(path: str | Path) -> InitSource:
     )
 
 
-def resume_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer a checkpoint was trained with (a resumed run must use exactly it)."""
-    return tokenizer_from_files(read_checkpoint(path, "ckpt_path")[METADATA_KEY]["tokenizer_files"])
+# Settings a resumed run may change: they alter no tensor shape and no id's meaning.
+RESUME_MAY_CHANGE = {"vocab_size", "dropout", "attn_impl", "hf_id_offset"}
+
+
+@dataclass
+class ResumeSource:
+    """What a checkpoint fixes for the run that resumes from it."""
+
+    path: Path
+    tokenizer: Tokenizer
+    model_config: dict[str, Any]
+    peft: dict[str, Any]
+
+    def check_matches(self, model: dict[str, Any], peft: dict[str, Any], tokenizer: dict[str, Any]) -> None:
+        """Resuming with another architecture, PEFT method or tokenizer cannot work: say which
+        field differs before Lightning fails deep inside load_state_dict."""
+        where = f"the checkpoint {self.path}"
+        for key, saved in self.model_config.items():
+            if key not in RESUME_MAY_CHANGE and model.get(key) != saved:
+                raise ConfigError(f"model.{key}", model.get(key), [saved],
+                                  f"{where} was trained with model.{key}={saved!r}; resume with the same "
+                                  "architecture, or start a new run directory")
+        if peft != self.peft:
+            keys = ["method", *sorted((set(peft) | set(self.peft)) - {"method"})]
+            diff = next(k for k in keys if peft.get(k) != self.peft.get(k))
+            raise ConfigError(f"peft.{diff}", peft.get(diff), [self.peft.get(diff)],
+                              f"{where} was trained with peft={self.peft.get('method')}")
+        saved_tok = self.tokenizer.config.to_dict()
+        for key, value in tokenizer.items():
+            if key in saved_tok and saved_tok[key] != value:
+                raise ConfigError(f"tokenizer.{key}", value, [saved_tok[key]],
+                                  f"{where} was trained with another tokenizer (its ids would change meaning)")
+
+
+def load_resume_source(path: str | Path) -> ResumeSource:
+    ckpt = read_checkpoint(path, "ckpt_path")
+    meta = ckpt[METADATA_KEY]
+    return ResumeSource(
+        path=Path(path),
+        tokenizer=tokenizer_from_files(meta["tokenizer_files"]),
+        model_config=meta.get("model", {}),
+        peft=meta.get("peft", {"method": "none"}),
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab.assemble import build_parts
 from lmlab.callbacks.checkpointing import LAST_NAME, PREVIOUS_NAME
-from lmlab.checkpoint import resume_tokenizer
+from lmlab.checkpoint import load_resume_source
 from lmlab.console import print_config_tree, print_results
 from lmlab.describe import describe
 from lmlab.errors import ConfigError, LmlabError
@@ -53,6 +54,17 @@ def latest_resumable(output_dir: Path) -> Path | None:
         if path.is_file() and loadable(path):
             return path
     return None
+
+
+def check_writable(output_dir: Path) -> None:
+    """Fail now, not at the first checkpoint an hour in, if the run directory cannot be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError("paths.output_dir", str(output_dir), reason=f"cannot write there ({err.strerror})") from None
 
 
 def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -121,7 +133,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     ckpt_path = resolve_ckpt_path(cfg, output_dir)
-    parts = build_parts(cfg, resume_tokenizer(ckpt_path) if ckpt_path else None)
+    check_writable(output_dir)
+    parts = build_parts(cfg, load_resume_source(ckpt_path) if ckpt_path else None)
     params = parameter_counts(parts.task)  # backbone + task heads (e.g. the classifier)
     loggers = build_list(cfg.get("logger"), "logger")
     callbacks = build_list(cfg.get("callbacks"), "callbacks")
