@@ -72,12 +72,27 @@ def check_model(model_cfg: ModelConfig) -> nn.Module:
         return build_backbone(probe)
 
 
+# Constructor arguments the run supplies itself, not the task config.
+GIVEN_TO_TASKS = {"backbone", "tokenizer", "optimizer", "scheduler", "checkpoint_metadata"}
+
+
+def check_schedule(scheduler: Any, max_steps: int | None) -> None:
+    """Schedules check their fields only when called: call one on a throwaway optimizer now,
+    rather than at the start of fit."""
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler(dummy, total_steps=max(1, max_steps or 1))
+
+
 def check_task(cfg: DictConfig, model_cfg: ModelConfig) -> tuple[type, dict[str, Any]]:
     task_cfg = dict(to_container(cfg.task))
     name = task_cfg.pop("name", None)
     if name not in TASKS:
         raise ConfigError("task.name", name, sorted(TASKS), "unknown task")
     cls, families, data_kinds = TASKS[name]
+    valid = accepted_keys(cls)
+    for key, value in task_cfg.items():
+        if valid is not None and key not in valid:
+            raise ConfigError(f"task.{key}", value, sorted(valid - GIVEN_TO_TASKS), f"task={name} has no such field")
     if model_cfg.family not in families:
         raise ConfigError(
             "task", name, [t for t, (_, fams, _) in TASKS.items() if model_cfg.family in fams],
@@ -105,7 +120,10 @@ def build_datamodule(cfg: DictConfig, init: InitSource | None, ckpt_tokenizer=No
         pretrained_tokenizer=tokenizer,
         **extra,
     )
-    dm.setup("fit")
+    if dm.kind not in TASKS[cfg.task.name][2]:
+        raise ConfigError("data", type(dm).__name__, TASKS[cfg.task.name][2],
+                          f"task={cfg.task.name} cannot read {dm.kind} data")
+    dm.setup("fit")  # reads the data and trains (or loads) the tokenizer
     return dm
 
 
@@ -129,8 +147,8 @@ def check_lengths(dm: LMDataModule, model_cfg: ModelConfig) -> None:
 def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts:
     init = load_init_source(cfg.init_from) if cfg.get("init_from") else None
     model_cfg = model_config_from(cfg, init)
-    check_hf_pairing(cfg, model_cfg)
     probe = check_model(model_cfg)
+    check_hf_pairing(cfg, model_cfg)
     task_cls, task_kwargs = check_task(cfg, model_cfg)
     strategy = build_peft_strategy(to_container(cfg.peft))
     strategy.check(probe)
@@ -146,9 +164,12 @@ def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts
             if node is not None and "_target_" in node:
                 check_node(node, f"{group}.{name}")
 
+    optimizer = instantiate_checked(cfg.optimizer, "optimizer")
+    scheduler = instantiate_checked(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
+    if scheduler is not None:
+        check_schedule(scheduler, cfg.trainer.get("max_steps"))
+
     dm = build_datamodule(cfg, init, resume.tokenizer if resume is not None else None)
-    if dm.kind not in TASKS[cfg.task.name][2]:
-        raise ConfigError("data", type(dm).__name__, reason=f"task={cfg.task.name} cannot read {dm.kind} data")
     check_lengths(dm, model_cfg)
 
     model_cfg.vocab_size = dm.tokenizer.vocab_size
@@ -159,8 +180,6 @@ def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts
         init.load_into(backbone)
     backbone = strategy.apply(backbone)
 
-    optimizer = instantiate_checked(cfg.optimizer, "optimizer")
-    scheduler = instantiate_checked(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
     # What only the data knows (classes, longest target) fills the task's unset fields.
     accepted = accepted_keys(task_cls)
     for key, value in dm.task_kwargs().items():

@@ -130,17 +130,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("print_config", True):
         print_config_tree(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError("seed", seed, reason="must be a non-negative integer")
+    L.seed_everything(seed, workers=True, verbose=False)
 
     ckpt_path = resolve_ckpt_path(cfg, output_dir)
     check_writable(output_dir)
-    parts = build_parts(cfg, load_resume_source(ckpt_path) if ckpt_path else None)
-    params = parameter_counts(parts.task)  # backbone + task heads (e.g. the classifier)
+    # The Trainer (strategy, precision, devices) is cheap to build and refuses impossible
+    # settings itself: build it before any data is read or tokenizer trained.
     loggers = build_list(cfg.get("logger"), "logger")
     callbacks = build_list(cfg.get("callbacks"), "callbacks")
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    parts = build_parts(cfg, load_resume_source(ckpt_path) if ckpt_path else None)
+    params = parameter_counts(parts.task)  # backbone + task heads (e.g. the classifier)
 
     # Everything validated: from here on the run leaves a record.
     output_dir.mkdir(parents=True, exist_ok=True)

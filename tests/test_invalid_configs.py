@@ -1,0 +1,118 @@
+"""Every mistake is named before compute: a ConfigError/DataError naming the field (or file),
+and no checkpoint or run record left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmlab import ConfigError, DataError
+from lmlab.train import run
+from tests.conftest import SHARED_DATA
+
+M30K = SHARED_DATA / "multi30k_de_en"
+
+# (overrides, the field the error must name; "data:<path part>" for a DataError naming a file)
+CASES = [
+    # model shapes and choices
+    (["model.n_heads=3"], "model.n_heads"),
+    (["model=gqa", "model.n_kv_heads=3"], "model.n_kv_heads"),
+    (["model.d_model=-8"], "model.d_model"),
+    (["model.d_model=abc"], "model.d_model"),
+    (["model.d_model=true"], "model.d_model"),
+    (["model.n_layers=0"], "model.n_layers"),
+    (["model.max_seq_len=0"], "model.max_seq_len"),
+    (["model.dropout=1.5"], "model.dropout"),
+    (["model.position=spiral"], "model.position"),
+    (["model.norm=batchnorm"], "model.norm"),
+    (["model.ffn=glu"], "model.ffn"),
+    (["model.attn_impl=flash3"], "model.attn_impl"),
+    (["model.family=rnn"], "model.family"),
+    (["+model.widht=3"], "model.widht"),
+    (["model=moe", "model.top_k=9"], "model.top_k"),
+    (["model=hybrid", "model.n_layers=4", "model.layer_pattern=MXMA"], "model.layer_pattern"),
+    (["model.sliding_window=0"], "model.sliding_window"),
+    (["model=gqa", "model.rope_scaling=dynamic"], "model.rope_scaling"),
+    (["model.rope_scaling=linear"], "model.rope_scaling"),  # without position=rope
+    (["model=bert", "task=mlm", "data=text", "tokenizer=char", "model.norm_position=middle"], "model.norm_position"),
+    (["model=t5", "task=seq2seq", "model.relative_buckets=0"], "model.relative_buckets"),
+    (["model.hf_path=/nonexistent/model"], "model.hf_path"),
+    (["model.position=learned", "data=text", "tokenizer=char", "data.seq_len=128", "model.max_seq_len=64"], "data.seq_len"),
+    # tasks vs families vs data
+    (["task.name=translate"], "task.name"),
+    (["task=mlm"], "task"),
+    (["task=seq2seq"], "task"),
+    (["model=bert"], "task"),
+    (["model=bert", "task=classify"], "data"),
+    (["+task.beam=4"], "task.beam"),
+    # PEFT
+    (["peft=lora", "peft.target_modules=[query]"], "peft.target_modules"),
+    (["peft=lora", "peft.r=0"], "peft.r"),
+    (["peft=lora", "peft.dropout=1.0"], "peft.dropout"),
+    (["peft=lora", "peft.bias=some"], "peft.bias"),
+    (["peft=lora", "+peft.rank=4"], "peft.rank"),
+    (["peft.method=prefix-xl"], "peft.method"),
+    # data
+    (["data.tasks=[multiply]"], "data.tasks"),
+    (["data.tasks=[]"], "data.tasks"),
+    (["data.n_train=0"], "data.n_train"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["data.low=50", "data.high=10"], "data.high"),
+    (["data.high=2", "data.n_numbers=1"], "data.n_train"),
+    (["+data.colour=red"], "data.colour"),
+    (["data.limit_train_items=0"], "data.limit_train_items"),
+    (["data=text", "tokenizer=char", "data.path=/nonexistent/corpus.txt"], "data:/nonexistent/corpus.txt"),
+    (["data=text", "tokenizer=char", "data.seq_len=0"], "data.seq_len"),
+    (["data=text", "tokenizer=char", "data.val_fraction=0.9"], "data.val_fraction"),
+    (["data=text", "tokenizer=char", "data.eval_seq_lens=[0]"], "data.eval_seq_lens"),
+    (["data=classification", "task=classify", "data.path=/nonexistent/labels.tsv"], "data:/nonexistent/labels.tsv"),
+    (["data=parallel", "task=seq2seq", "model=transformer", f"data.train_src_path={M30K / 'val.de.gz'}"], "data:val.de.gz"),
+    # tokenizers
+    (["tokenizer.kind=morfessor"], "tokenizer.kind"),
+    (["tokenizer=bpe", "tokenizer.vocab_size=10"], "tokenizer.vocab_size"),
+    (["+tokenizer.foo=1"], "tokenizer.foo"),
+    (["tokenizer=hf"], "tokenizer.path"),
+    (["tokenizer.digits=weird"], "tokenizer.digits"),
+    (["tokenizer=char", "+tokenizer.dropout=0.1"], "tokenizer.dropout"),
+    (["data=text", "tokenizer=bpe", "tokenizer.vocab_size=300", "tokenizer.dropout=0.1"], "tokenizer.dropout"),
+    # optimisation, trainer, callbacks, loggers
+    (["+optimizer.momentum2=0.9"], "optimizer.momentum2"),
+    (["scheduler.warmup_steps=-1"], "scheduler.warmup_steps"),
+    (["scheduler.min_lr_ratio=2"], "scheduler.min_lr_ratio"),
+    (["+trainer.max_step=3"], "trainer.max_step"),
+    (["trainer.precision=fp7"], "trainer"),
+    (["trainer.accelerator=gpu"], "trainer"),
+    (["callbacks.nonfinite.policy=ignore"], "callbacks.nonfinite"),
+    (["callbacks.last_checkpoint.every_n_steps=0"], "callbacks.last_checkpoint"),
+    (["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode"),
+    # runs and checkpoints
+    (["seed=-1"], "seed"),
+    (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path"),
+    (["ckpt_path=last"], "ckpt_path"),
+    (["init_from=/nonexistent/last.ckpt"], "init_from"),
+    (["init_from=hf:/nonexistent/model"], "init_from"),
+]
+
+
+def test_there_are_at_least_fifty_cases():
+    assert len(CASES) >= 50
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,field", CASES, ids=[" ".join(o) for o, _ in CASES])
+def test_mistake_is_named_before_compute(make_cfg, overrides, field):
+    cfg = make_cfg(overrides)
+    with pytest.raises((ConfigError, DataError)) as info:
+        run(cfg)
+    err = info.value
+    if field.startswith("data:"):
+        assert isinstance(err, DataError), err
+        assert field[len("data:"):] in err.path
+    else:
+        assert isinstance(err, ConfigError), err
+        assert err.field == field or err.field.startswith(field + "."), f"{err.field!r}: {err}"
+        assert field in str(err)
+    out = Path(cfg.paths.output_dir)
+    assert not (out / "metrics.json").exists(), "a failed config left a run record"
+    assert not (out / "checkpoints").exists(), "a failed config left checkpoints"
