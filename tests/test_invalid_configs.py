@@ -83,6 +83,7 @@ CASES = [
     (["+trainer.max_step=3"], "trainer.max_step"),
     (["trainer.precision=fp7"], "trainer"),
     (["trainer.accelerator=gpu"], "trainer"),
+    (["+trainer.strategy=fsdp"], "trainer"),
     (["callbacks.nonfinite.policy=ignore"], "callbacks.nonfinite"),
     (["callbacks.last_checkpoint.every_n_steps=0"], "callbacks.last_checkpoint"),
     (["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode"),

@@ -71,3 +71,14 @@ def test_errors_and_override_parsing(tmp_path):
     with pytest.raises(DataError, match="no metrics.json"):
         find_records(tmp_path / "empty")
     assert parse_overrides(["+a.b=1", "c=x=y", "flag"]) == {"a.b": "1", "c": "x=y"}
+
+
+def test_tokenizer_sweeps_show_tokenizer_measurements(tmp_path):
+    for num, kind, fertility in ((0, "bpe", 1.4), (1, "char", 4.2)):
+        job = _job(tmp_path, num, [f"tokenizer={kind}"], metrics={"val/loss": 2.0})
+        record = json.loads((job / "metrics.json").read_text())
+        record["tokenizer"] = {"kind": kind, "fertility": fertility, "bytes_per_token": 3.0}
+        (job / "metrics.json").write_text(json.dumps(record))
+    columns, rows, _, _ = build_table(find_records(tmp_path), tmp_path)
+    assert "tokenizer/fertility" in columns and "tokenizer/bytes_per_token" in columns
+    assert [r["tokenizer/fertility"] for r in rows] == [1.4, 4.2]

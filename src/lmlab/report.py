@@ -17,6 +17,7 @@ from lmlab.errors import DataError
 from lmlab.record import RECORD_FILE
 from lmlab.report_plots import plot_loss_curves, plot_metric_vs_setting
 
+TOKENIZER_COLUMNS = ("vocab_size", "fertility", "tokens_per_char", "bytes_per_token", "unk_rate", "roundtrip_rate")
 DEFAULT_METRICS = ("val/loss", "val/ppl", "val/acc", "test/loss", "test/ppl", "test/acc", "test/bleu", "test/f1")
 
 
@@ -57,7 +58,11 @@ def build_table(records: list[tuple[Path, dict[str, Any]]], root: Path, metrics:
     wanted = [m for m in (metrics or DEFAULT_METRICS) if m in present]
     if metrics is None:
         wanted += sorted(m for m in present if m.split("/")[0] == "test" and m not in wanted)
-    columns = ["run", "status", *varying, *wanted, "params", "trainable", "tokens_per_sec", "wall_time_s"]
+    # Tokenizer measurements (fertility, bytes/token, ...) matter when the sweep varies the tokenizer.
+    tok_cols = []
+    if any(k.startswith("tokenizer") for k in varying):
+        tok_cols = [f"tokenizer/{k}" for k in TOKENIZER_COLUMNS if any(k in r.get("tokenizer", {}) for _, r in records)]
+    columns = ["run", "status", *varying, *wanted, *tok_cols, "params", "trainable", "tokens_per_sec", "wall_time_s"]
     rows = []
     for (run_dir, rec), ovr in zip(records, overrides):
         m = rec.get("metrics", {})
@@ -67,6 +72,7 @@ def build_table(records: list[tuple[Path, dict[str, Any]]], root: Path, metrics:
         row["params"] = rec.get("params", {}).get("total", "")
         row["trainable"] = rec.get("params", {}).get("trainable", "")
         row["tokens_per_sec"] = m.get("throughput/tokens_per_sec", "")
+        row.update({f"tokenizer/{k}": v for k, v in rec.get("tokenizer", {}).items() if f"tokenizer/{k}" in tok_cols})
         row["wall_time_s"] = rec.get("wall_time_s", "")
         rows.append(row)
     return columns, rows, varying, wanted
