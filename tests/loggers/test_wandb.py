@@ -37,3 +37,25 @@ def test_run_with_wandb_logs_offline(make_cfg):
     blob = data[0].read_bytes()
     for needle in (b"params/total", b"d_model", b"train/loss", b"val/loss", b"test/acc"):
         assert needle in blob, needle
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_multirun_jobs_share_a_wandb_group_and_carry_their_overrides(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, TINY_MODEL, TINY_SYNTHETIC
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "debug=fast", *TINY_MODEL, *TINY_SYNTHETIC,
+         "logger=wandb", "seed=1,2", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}",
+         "print_config=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    group = sweep.as_posix().replace("/", "_").strip("_")[-128:].encode()
+    for job, seed in (("0", b"seed=1"), ("1", b"seed=2")):
+        blob = next((sweep / job / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+        assert group in blob and seed in blob

@@ -29,6 +29,23 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def sweep_group_and_tags() -> tuple[str | None, list[str]]:
+    """Inside a Hydra multirun: the sweep's directory as the W&B group (so its jobs sit together
+    in the dashboard) and the job's overrides as tags."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None, []
+        hc = HydraConfig.get()
+        overrides = [str(o) for o in hc.overrides.task]
+        if str(hc.mode) != "RunMode.MULTIRUN":
+            return None, overrides
+        return Path(hc.sweep.dir).as_posix().replace("/", "_").strip("_")[-128:], overrides
+    except (ImportError, ValueError, AttributeError):
+        return None, []
+
+
 def build_wandb_logger(
     save_dir: str,
     project: str = "lmlab",
@@ -44,6 +61,9 @@ def build_wandb_logger(
         raise ConfigError("logger.wandb.mode", mode, MODES)
     if mode == "auto":
         mode = "online" if wandb_logged_in() else "offline"
+    sweep_group, override_tags = sweep_group_and_tags()
+    group = group or sweep_group
+    tags = [*(tags or []), *override_tags][:64]  # W&B caps the number of tags
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     if mode == "offline":
         rank_zero_info(
@@ -63,7 +83,7 @@ def build_wandb_logger(
         entity=entity,
         name=name,
         group=group,
-        tags=list(tags or []),
+        tags=[t[:64] for t in tags],  # W&B caps a tag at 64 characters
         offline=mode == "offline",
         mode=mode,
         log_model=log_model,
