@@ -55,6 +55,7 @@ def _overrides_for(group: str, option: str) -> list[str]:
         ("model", "transformer"): ["task=seq2seq"],
         ("model", "t5"): ["task=seq2seq"],
         ("model", "hybrid"): ["model.n_layers=4"],
+        ("peft", "frozen"): ["task=classify", "data=classification"],
         ("tokenizer", "hf"): [f"tokenizer.path={ROOT / 'tests' / 'tokenizers' / 'fixtures' / 'gpt2_style'}"],
         ("tokenizer", "bpe"): ["tokenizer.vocab_size=200"],
         ("scheduler", "noam"): ["optimizer.lr=1.0"],

@@ -53,6 +53,8 @@ CASES = [
     (["peft=lora", "peft.bias=some"], "peft.bias"),
     (["peft=lora", "+peft.rank=4"], "peft.rank"),
     (["peft.method=prefix-xl"], "peft.method"),
+    (["peft=frozen"], "peft"),  # clm has no head: nothing would train
+    (["peft=ia3", "peft.feedforward_modules=[up_proj]"], "peft.feedforward_modules"),
     # data
     (["data.tasks=[multiply]"], "data.tasks"),
     (["data.tasks=[]"], "data.tasks"),

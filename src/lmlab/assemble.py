@@ -196,4 +196,7 @@ def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts
         },
         **{k: v for k, v in task_kwargs.items() if v is not None},
     )
+    if not any(p.requires_grad for p in task.parameters()):
+        raise ConfigError("peft", strategy.method, reason=f"nothing would train: peft={strategy.method} freezes the "
+                          f"backbone and task={cfg.task.name} has no head of its own (use it with task=classify)")
     return RunParts(model_cfg, strategy, dm, task, init)

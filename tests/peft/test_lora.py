@@ -90,3 +90,34 @@ def test_none_and_full_train_everything():
         build_peft_strategy({"method": method}).apply(model)
         counts = parameter_counts(model)
         assert counts["trainable"] == counts["total"]
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_dora_and_ia3_merge_exactly_and_train_only_adapters(method):
+    model = _backbone().eval()
+    x = torch.randint(0, 50, (3, 9))
+    before = model(x)
+    strategy = build_peft_strategy({"method": method})
+    strategy.apply(model)
+    torch.testing.assert_close(model(x), before, atol=1e-6, rtol=1e-6)  # identity at init
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(("lora_" in n) or ("ia3_" in n) for n in trainable)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    adapted = model(x)
+    merged = strategy.merge(model)
+    assert not any(("lora_" in n) or ("ia3_" in n) for n, _ in merged.named_parameters())
+    torch.testing.assert_close(merged(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_bitfit_trains_biases_and_norms_only_and_frozen_nothing():
+    model = _backbone(bias=True)
+    build_peft_strategy({"method": "bitfit"}).apply(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith("bias") or "norm" in n for n in trainable)
+    assert any("norm" in n for n in trainable) and any(n.endswith(".bias") for n in trainable)
+    frozen = _backbone()
+    build_peft_strategy({"method": "frozen"}).apply(frozen)
+    assert parameter_counts(frozen)["trainable"] == 0

@@ -8,9 +8,13 @@ from typing import Any
 from lmlab.errors import ConfigError
 from lmlab.peft.base import PeftStrategy, parameter_counts
 from lmlab.peft.full import FullFineTuning, NoPeft
-from lmlab.peft.lora import LoRA
+from lmlab.peft.ia3 import IA3
+from lmlab.peft.lora import DoRA, LoRA
+from lmlab.peft.selective import BitFit, Frozen
 
-STRATEGIES: dict[str, type[PeftStrategy]] = {cls.method: cls for cls in (NoPeft, FullFineTuning, LoRA)}
+STRATEGIES: dict[str, type[PeftStrategy]] = {
+    cls.method: cls for cls in (NoPeft, FullFineTuning, LoRA, DoRA, IA3, BitFit, Frozen)
+}
 
 
 def build_peft_strategy(cfg: Mapping[str, Any] | None) -> PeftStrategy:

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.peft.base import PeftStrategy
-from peft import LoraConfig, inject_adapter_in_model
 
 
 def linear_names(backbone: nn.Module) -> list[str]:
     """The distinct last components of Linear-layer names (q_proj, up_proj, lm_head, ...)."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)})
+
+
+def check_targets(backbone: nn.Module, targets: list[str], field: str = "peft.target_modules") -> None:
+    available = linear_names(backbone)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ConfigError(field, missing, available, "matches no Linear layer of this backbone")
 
 
 @dataclass
@@ -41,15 +48,11 @@ class LoRA(PeftStrategy):
             raise ConfigError("peft.target_modules", self.target_modules, reason="name at least one layer")
 
     def check(self, backbone: nn.Module) -> None:
-        available = linear_names(backbone)
-        missing = [t for t in self.target_modules if t not in available]
-        if missing:
-            raise ConfigError(
-                "peft.target_modules", missing, available, "matches no Linear layer of this backbone"
-            )
+        check_targets(backbone, self.target_modules)
 
     def peft_config(self) -> LoraConfig:
         return LoraConfig(
+            use_dora=self.method == "dora",
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
@@ -64,11 +67,24 @@ class LoRA(PeftStrategy):
         return inject_adapter_in_model(self.peft_config(), backbone)
 
     def merge(self, backbone: nn.Module) -> nn.Module:
-        for name, module in list(backbone.named_modules()):
-            if isinstance(module, BaseTunerLayer):
-                module.merge()
-                parent_name, _, child = name.rpartition(".")
-                parent = backbone.get_submodule(parent_name) if parent_name else backbone
-                setattr(parent, child, module.get_base_layer())
-        backbone.requires_grad_(True)
-        return backbone
+        return merge_tuner_layers(backbone)
+
+
+def merge_tuner_layers(backbone: nn.Module) -> nn.Module:
+    """Fold every `peft` adapter (LoRA, DoRA, IA3) into its base layer and put the plain layer
+    back in its place, leaving an ordinary backbone with no adapter parameters."""
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = backbone.get_submodule(parent_name) if parent_name else backbone
+            setattr(parent, child, module.get_base_layer())
+    backbone.requires_grad_(True)
+    return backbone
+
+
+@dataclass
+class DoRA(LoRA):
+    """`peft=dora`: weight-decomposed LoRA (a learned magnitude per output row + a LoRA direction)."""
+
+    method = "dora"
