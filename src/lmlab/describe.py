@@ -134,21 +134,71 @@ def _stack_flops(config: ModelConfig, matmul: list[tuple[float, bool]], n_attent
 
 
 def _flops(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: int) -> dict[str, Any]:
-    mixers = config.layer_mixers
     if config.family != "encoder_decoder":
-        causal = config.family == "decoder"
-        out = _stack_flops(config, list(matmul.values()), mixers.count("attention"),
-                           _attention_keys(config, T, causal), mixers.count("mamba"))
-        return {k: round(v) for k, v in out.items()}
-    n_dec = config.n_decoder_layers or config.n_layers
-    source = _stack_flops(config, [v for k, v in matmul.items() if _side(k) == "source"],
-                          config.n_layers, _attention_keys(config, T, False), 0)
-    target = _stack_flops(config, [v for k, v in matmul.items() if _side(k) == "target"],
-                          n_dec, _attention_keys(config, T, True), 0, cross_keys=T, n_cross=n_dec)
+        return {k: round(v) for k, v in _side_flops(config, matmul, T)["target"].items()}
+    sides = _side_flops(config, matmul, T, T)
+    source, target = sides["source"], sides["target"]
     out = {k: round((source[k] + target[k]) / 2) for k in source}
     out["per_source_token"] = {k: round(v) for k, v in source.items()}
     out["per_target_token"] = {k: round(v) for k, v in target.items()}
     return out
+
+
+def _side_flops(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: int,
+                S: int | None = None) -> dict[str, dict[str, float]]:
+    """Per-token FLOPs of each side: "target" (a decoder's or encoder's tokens, T of them per
+    sequence) and, for encoder_decoder, "source" (S source tokens; the decoder's
+    cross-attention scores S keys)."""
+    mixers = config.layer_mixers
+    if config.family != "encoder_decoder":
+        causal = config.family == "decoder"
+        return {"target": _stack_flops(config, list(matmul.values()), mixers.count("attention"),
+                                       _attention_keys(config, T, causal), mixers.count("mamba"))}
+    S = T if S is None else S
+    n_dec = config.n_decoder_layers or config.n_layers
+    source = _stack_flops(config, [v for k, v in matmul.items() if _side(k) == "source"],
+                          config.n_layers, _attention_keys(config, S, False), 0)
+    target = _stack_flops(config, [v for k, v in matmul.items() if _side(k) == "target"],
+                          n_dec, _attention_keys(config, T, True), 0, cross_keys=S, n_cross=n_dec)
+    return {"source": source, "target": target}
+
+
+# Output layers: a task may run them on a share of the positions only (mlm: the masked ones;
+# classify: none, its own head is negligible).
+_HEAD_MODULES = {"lm_head", "mlm_transform"}
+
+
+class TrainingFlops:
+    """Forward+backward FLOPs of one training batch, by `describe`'s arithmetic, for any
+    batch shape: `batch(B, T)` for decoders/encoders, `batch(B, T, S)` for encoder-decoders
+    (T target, S source positions). Padded positions count (the hardware computes them).
+
+    `head_fraction` scales the output layer (the share of positions a task runs it on). The
+    weights' trainability is read once, at construction (after PEFT).
+    """
+
+    def __init__(self, config: ModelConfig, backbone: nn.Module, head_fraction: float = 1.0):
+        self.config = config
+        self.backbone = backbone
+        self._hf = bool(getattr(config, "hf_path", None))
+        matmul = _matmul_weights(backbone, None if self._hf else config)
+        self.matmul = {k: ((w * head_fraction, t) if _HEAD_MODULES & set(k.split(".")) else (w, t))
+                       for k, (w, t) in matmul.items()}
+        self._cache: dict[tuple[int, int | None], float] = {}
+
+    def batch(self, B: int, T: int, S: int | None = None) -> float:
+        key = (T, S)
+        if key not in self._cache:
+            if self._hf:
+                per = describe(self.config, self.backbone, seq_len=T)["flops_per_token"]
+                self._cache[key] = per["forward_backward"] * T
+            else:
+                sides = _side_flops(self.config, self.matmul, T, S)
+                total = sides["target"]["forward_backward"] * T
+                if "source" in sides:
+                    total += sides["source"]["forward_backward"] * (T if S is None else S)
+                self._cache[key] = total
+        return B * self._cache[key]
 
 
 def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab.assemble import build_parts
 from lmlab.callbacks.checkpointing import LAST_NAME, PREVIOUS_NAME
+from lmlab.callbacks.throughput import run_throughput
 from lmlab.checkpoint import load_resume_source
 from lmlab.console import print_config_tree, print_results
 from lmlab.describe import describe
@@ -181,6 +182,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record.update(
             status=_status_of(err),
             error=f"{type(err).__name__}: {err}",
+            throughput=run_throughput(trainer),
             wall_time_s=time.time() - started,
             tokens_seen=int(parts.task.tokens_seen),
             step=trainer.global_step,
@@ -191,8 +193,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finish_wandb_runs(loggers)
 
     ckpt_cb = trainer.checkpoint_callback
+    # Run means (tokens/s, TFLOP/s, MFU), also as metrics so `lmlab report` tables them.
+    throughput = run_throughput(trainer)
+    for key, value in (throughput or {}).items():
+        if key in ("tokens_per_sec", "samples_per_sec", "tflops_per_sec", "mfu") and value is not None:
+            metrics[f"throughput/{key}"] = value
     record.update(
         status="completed",
+        throughput=throughput,
         metrics=metrics,
         tokens_seen=int(parts.task.tokens_seen),
         step=trainer.global_step,

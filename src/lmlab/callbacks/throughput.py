@@ -1,40 +1,226 @@
-"""Tokens per second, logged as `throughput/tokens_per_sec` without a device sync per step."""
+"""Training throughput of every run: tokens/s, samples/s, achieved TFLOP/s and MFU.
+
+Logged to every logger as `throughput/tokens_per_sec`, `throughput/samples_per_sec`,
+`throughput/tflops_per_sec` and `throughput/mfu` every `log_every_n_steps` optimizer steps,
+and summarised over the whole run (`summary()`, written to `metrics.json` under
+`throughput`), so even a four-step `debug=fast` run has its numbers.
+
+- Tokens are input positions counted from tensor shapes (padding included: the hardware
+  computes them), both sides for seq2seq; no tensor value is read, so there is no
+  host-device sync per step. On CUDA the clock is synchronised once per logging window,
+  at validation and at the end, so the asynchronous queue does not blur the windows.
+- FLOPs are `describe`'s analytic forward+backward count for each batch's shape
+  (`TrainingFlops`: attention included, MoE at its active experts, encoder and decoder
+  tokens for seq2seq, frozen weights without weight gradients under PEFT; the task's
+  `flops_head_fraction` scales the output layer, e.g. mlm runs it on masked positions
+  only). Activation recomputation is not counted (MFU, not hardware FLOPs utilisation).
+- MFU = achieved / (peak × devices), the peak from `peak_flops.PEAK_TFLOPS` for the GPU and
+  the trainer's precision, or `peak_tflops` (per device) for anything else; null with a note
+  when neither is known (e.g. a CPU without `peak_tflops`).
+- The first `warmup_steps` batches (compilation, allocator and cache warm-up) and the time
+  spent in validation are left out; batch-to-batch intervals include data loading.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+
+from lmlab.callbacks.peak_flops import device_name, device_peak, precision_kind
+from lmlab.describe import TrainingFlops
+from lmlab.errors import ConfigError
+
+METRICS = ("tokens_per_sec", "samples_per_sec", "tflops_per_sec", "mfu")
+
+
+class _Window:
+    """Sums over an interval of training batches."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.tokens = 0
+        self.samples = 0
+        self.flops = 0.0
+        self.batches = 0
+
+    def add(self, seconds: float, tokens: int = 0, samples: int = 0, flops: float = 0.0,
+            batches: int = 0) -> None:
+        self.seconds += seconds
+        self.tokens += tokens
+        self.samples += samples
+        self.flops += flops
+        self.batches += batches
+
+
+def batch_shapes(batch: Any) -> tuple[int, int, int | None] | None:
+    """(batch size, target/input length, source length or None) from a batch's id tensors."""
+    if not isinstance(batch, dict):
+        return None
+    if "src_ids" in batch:
+        target = batch.get("tgt_in", batch.get("tgt_ids"))
+        if target is None:
+            return None
+        return target.shape[0], target.shape[1], batch["src_ids"].shape[1]
+    if "input_ids" in batch:
+        ids = batch["input_ids"]
+        return ids.shape[0], ids.shape[1], None
+    return None
 
 
 class ThroughputMonitor(L.Callback):
-    """Counts input positions (shape only, so no host-device sync) and logs the rate every
-    `log_every_n_steps` optimizer steps."""
+    """See the module docstring. `peak_tflops`: per-device peak for MFU where the table has
+    none (CPUs, other accelerators), or to override it."""
 
-    def __init__(self, log_every_n_steps: int = 25):
+    def __init__(self, log_every_n_steps: int = 25, peak_tflops: float | None = None,
+                 warmup_steps: int = 1):
+        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ConfigError("callbacks.throughput.log_every_n_steps", log_every_n_steps,
+                              "an integer >= 1")
+        if peak_tflops is not None and (isinstance(peak_tflops, bool)
+                                        or not isinstance(peak_tflops, (int, float))
+                                        or peak_tflops <= 0):
+            raise ConfigError("callbacks.throughput.peak_tflops", peak_tflops,
+                              "null (use the GPU table) or a number > 0 (TFLOP/s per device)")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ConfigError("callbacks.throughput.warmup_steps", warmup_steps, "an integer >= 0")
         self.log_every_n_steps = log_every_n_steps
-        self._tokens = 0
-        self._samples = 0
-        self._t0: float | None = None
+        self.peak_tflops = peak_tflops
+        self.warmup_steps = warmup_steps
+        self._reset()
+
+    def _reset(self) -> None:
+        self._flops: TrainingFlops | None = None
+        self._cuda: torch.device | None = None
+        self._world = 1
+        self._peak: float | None = None
+        self._info: dict[str, Any] = {}
+        self._total = _Window()
+        self._window = _Window()
+        self._warmup = _Window()
+        self._seen = 0
+        self._first_start: float | None = None
+        self._last: float | None = None
+        self._logged_step = -1
+
+    # ---- setup --------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+        backbone = getattr(pl_module, "backbone", None)
+        config = getattr(backbone, "config", None)
+        if config is not None:
+            head = float(getattr(pl_module, "flops_head_fraction", 1.0))
+            self._flops = TrainingFlops(config, backbone, head_fraction=head)
+        device = pl_module.device
+        self._cuda = device if device.type == "cuda" else None
+        self._world = max(1, trainer.world_size)
+        name, kind = device_name(device), precision_kind(trainer.precision)
+        note = None
+        if self.peak_tflops is not None:
+            self._peak, source = float(self.peak_tflops), "callbacks.throughput.peak_tflops"
+        else:
+            table_name, self._peak = device_peak(name, kind)
+            source = f"table: {table_name} {kind}" if self._peak else None
+            if self._peak is None:
+                note = (f"no peak known for {name!r} at {kind}: set callbacks.throughput.peak_tflops "
+                        "(TFLOP/s per device) to get an MFU")
+        if self._flops is None:
+            note = "the backbone has no ModelConfig, so its FLOPs are unknown"
+        self._info = {"device": name, "devices": self._world, "precision": str(trainer.precision),
+                      "peak_tflops": self._peak, "peak_source": source, "note": note}
+
+    # ---- measuring --------------------------------------------------------------------------
+    def _sync_now(self) -> float:
+        if self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
+        return time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
+        if self._first_start is None:
+            self._first_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Shapes only (no device sync): decoder/encoder batches carry input_ids, seq2seq both sides.
-        ids = [batch[k] for k in ("input_ids", "src_ids", "tgt_in") if k in batch]
-        self._tokens += sum(t.numel() for t in ids)
-        self._samples += ids[0].shape[0] if ids else 0
-        if trainer.global_step % self.log_every_n_steps == 0 and self._t0 is not None:
-            elapsed = time.perf_counter() - self._t0
-            if elapsed > 0:
-                pl_module.log("throughput/tokens_per_sec", self._tokens * trainer.world_size / elapsed)
-                pl_module.log("throughput/samples_per_sec", self._samples * trainer.world_size / elapsed)
-            self._tokens = self._samples = 0
-            self._t0 = time.perf_counter()
+        now = time.perf_counter()
+        shapes = batch_shapes(batch)
+        B, T, S = shapes if shapes else (0, 0, None)
+        tokens = B * (T + (S or 0)) * self._world
+        flops = self._flops.batch(B, T, S) * self._world if (self._flops and shapes) else 0.0
+        self._seen += 1
+        if self._seen <= self.warmup_steps or self._last is None:
+            start = self._last if self._last is not None else self._first_start or now
+            self._warmup.add(now - start, tokens, B * self._world, flops, 1)
+            self._last = now
+            return
+        for window in (self._window, self._total):
+            window.add(now - self._last, tokens, B * self._world, flops, 1)
+        self._last = now
+        step = trainer.global_step
+        if step % self.log_every_n_steps == 0 and step != self._logged_step:
+            self._logged_step = step
+            self._catch_up()
+            self._log(trainer, self._window)
+            self._window = _Window()
+
+    def _catch_up(self) -> None:
+        """On CUDA, wait for the queued work so the windows end where the compute ends."""
+        if self._cuda is None or self._last is None:
+            return
+        now = self._sync_now()
+        self._window.add(now - self._last)
+        self._total.add(now - self._last)
+        self._last = now
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        # Evaluation time is not training throughput: restart the window afterwards.
-        self._t0 = None
-        self._tokens = self._samples = 0
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._catch_up()
+        self._last = None  # the validation loop's time is not training time
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and self._seen:
+            self._last = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._catch_up()
+
+    # ---- reporting --------------------------------------------------------------------------
+    def _rates(self, window: _Window) -> dict[str, float | None]:
+        if window.seconds <= 0:
+            return dict.fromkeys(METRICS)
+        tflops = window.flops / window.seconds / 1e12 if self._flops else None
+        mfu = tflops / (self._peak * self._world) if (tflops is not None and self._peak) else None
+        return {"tokens_per_sec": window.tokens / window.seconds,
+                "samples_per_sec": window.samples / window.seconds,
+                "tflops_per_sec": tflops, "mfu": mfu}
+
+    def _log(self, trainer: L.Trainer, window: _Window) -> None:
+        values = {f"throughput/{k}": v for k, v in self._rates(window).items() if v is not None}
+        if values:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+
+    def summary(self) -> dict[str, Any] | None:
+        """Means over the run's measured batches (the warm-up ones when nothing else ran);
+        None before any training batch."""
+        window, note = self._total, self._info.get("note")
+        if window.batches == 0:
+            if self._warmup.batches == 0:
+                return None
+            window = self._warmup
+            note = "; ".join(filter(None, [note, "only warm-up batches ran: includes warm-up"]))
+        out: dict[str, Any] = dict(self._rates(window))
+        out.update(self._info, note=note, steps_measured=window.batches,
+                   seconds_measured=window.seconds,
+                   flops_per_token=window.flops / window.tokens if window.tokens and self._flops else None)
+        return out
+
+
+def run_throughput(trainer: L.Trainer) -> dict[str, Any] | None:
+    """The ThroughputMonitor's summary of this trainer's fit, if the run has one."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ThroughputMonitor):
+            return callback.summary()
+    return None

@@ -74,6 +74,8 @@ class ClassificationTask(LMTask):
         self.classifier_dropout = nn.Dropout(classifier_dropout)
         self.classifier = nn.Linear(d_model, num_classes)
         self.classifier.requires_grad_(True)
+        # The backbone's LM/MLM head never runs here (ThroughputMonitor's FLOPs).
+        self.flops_head_fraction = 0.0
         self.eval_metrics = nn.ModuleDict({
             stage: nn.ModuleDict({
                 "loss": MeanMetric(),

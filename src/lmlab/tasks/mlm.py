@@ -61,6 +61,8 @@ class MaskedLMTask(LMTask):
             raise ConfigError("tokenizer.vocab_size", tokenizer.vocab_size,
                               reason="mlm needs ordinary tokens besides the specials to replace with")
         self.mask_prob = mask_prob
+        # The MLM head runs on the chosen positions only (ThroughputMonitor's FLOPs).
+        self.flops_head_fraction = mask_prob
         self.mask_token_prob = mask_token_prob
         self.random_token_prob = random_token_prob
         self.seed = seed

@@ -1,0 +1,167 @@
+"""ThroughputMonitor: FLOPs per batch against FlopCounterMode, the peak table, the run means
+in metrics.json, and that it reads shapes only (no host-device sync)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from lmlab.callbacks import ThroughputMonitor
+from lmlab.callbacks.peak_flops import device_peak, precision_kind
+from lmlab.callbacks.throughput import batch_shapes
+from lmlab.describe import TrainingFlops
+from lmlab.errors import ConfigError
+from lmlab.models import ModelConfig, build_backbone
+from lmlab.train import run
+
+TINY = dict(vocab_size=100, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, attn_impl="eager")
+
+
+def _counted(model, config, B, T, S=None) -> float:
+    """FlopCounterMode's forward+backward FLOPs of one batch (eager attention: the counter
+    does not see SDPA's fused CPU kernel)."""
+    tgt = torch.randint(0, config.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        if config.family == "encoder_decoder":
+            out = model(torch.randint(0, config.vocab_size, (B, S)), None, tgt)
+        else:
+            out = model(tgt)
+        out.float().square().mean().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("overrides,S", [
+    (dict(n_kv_heads=2, ffn="swiglu", norm="rmsnorm", position="rope", bias=False), None),
+    (dict(ffn="moe", n_experts=4, top_k=1), None),
+    (dict(family="encoder_decoder", position="relative", n_decoder_layers=3), 24),
+], ids=["gqa", "moe", "t5-unequal-lengths"])
+def test_batch_flops_match_flop_counter(overrides, S):
+    config = ModelConfig(**TINY, **overrides)
+    torch.manual_seed(0)
+    model = build_backbone(config)
+    B, T = 3, 40
+    flops = TrainingFlops(config, model).batch(B, T, S)
+    assert flops == pytest.approx(_counted(model, config, B, T, S), rel=0.02)
+
+
+def test_head_fraction_scales_the_output_layer_only():
+    config = ModelConfig(**TINY)
+    model = build_backbone(config)
+    full, none = TrainingFlops(config, model).batch(2, 16), TrainingFlops(config, model, 0.0).batch(2, 16)
+    head = 2 * 16 * 3 * 2 * config.d_model * config.padded_vocab_size  # fwd+bwd of lm_head
+    assert full - none == pytest.approx(head)
+
+
+@pytest.mark.parametrize("name,precision,expected", [
+    ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.4),
+    ("NVIDIA H100 PCIe", "bf16-mixed", 756.5),
+    ("NVIDIA H100 NVL", "16-mixed", 835.5),
+    ("NVIDIA H200", "bf16-true", 989.4),
+    ("NVIDIA A100-SXM4-80GB", "bf16-mixed", 312.0),
+    ("NVIDIA A100 80GB PCIe", "32-true", 19.5),
+    ("NVIDIA L4", "bf16-mixed", 121.0),
+    ("NVIDIA L40S", "bf16-mixed", 362.05),
+    ("cpu", "bf16-mixed", None),
+])
+def test_peak_table(name, precision, expected):
+    assert device_peak(name, precision_kind(precision))[1] == expected
+
+
+def test_tf32_matmuls_use_the_tf32_peak():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert precision_kind("32-true") == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert precision_kind("32-true") == "fp32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_shapes_only_no_tensor_values_read():
+    """Meta tensors have shapes but no values: any .item()/bool() would raise."""
+    monitor = ThroughputMonitor(log_every_n_steps=1, warmup_steps=0)
+    config = ModelConfig(**TINY)
+    monitor._flops = TrainingFlops(config, build_backbone(config))
+    monitor._last = 0.0
+
+    class Trainer:
+        global_step, loggers = 1, []
+
+    batch = {"input_ids": torch.empty(4, 16, dtype=torch.long, device="meta"),
+             "attention_mask": torch.empty(4, 16, dtype=torch.long, device="meta")}
+    monitor.on_train_batch_end(Trainer(), None, torch.empty((), device="meta"), batch, 0)
+    assert monitor._total.tokens == 64
+    assert batch_shapes({"src_ids": torch.empty(2, 5), "tgt_in": torch.empty(2, 7)}) == (2, 7, 5)
+
+
+class _TinyLM(L.LightningModule):
+    def __init__(self, config):
+        super().__init__()
+        self.backbone = build_backbone(config)
+
+    def training_step(self, batch, batch_idx):
+        logits = self.backbone(batch["input_ids"])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["input_ids"].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _fit(tmp_path, steps, **monitor_kwargs):
+    config = ModelConfig(**{**TINY, "attn_impl": "sdpa"})
+    torch.manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 100, (4, 16))} for _ in range(steps)]
+    monitor = ThroughputMonitor(**monitor_kwargs)
+    trainer = L.Trainer(max_steps=steps, callbacks=[monitor], logger=CSVLogger(tmp_path),
+                        enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu", log_every_n_steps=1)
+    module = _TinyLM(config)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    return monitor, trainer, TrainingFlops(config, module.backbone).batch(4, 16) / 64
+
+
+def test_run_means_and_logged_windows(tmp_path):
+    monitor, trainer, per_token = _fit(tmp_path, 6, log_every_n_steps=2, peak_tflops=0.5)
+    s = monitor.summary()
+    assert s["steps_measured"] == 5 and s["flops_per_token"] == pytest.approx(per_token)
+    assert s["tokens_per_sec"] == pytest.approx(s["samples_per_sec"] * 16)
+    assert s["tflops_per_sec"] == pytest.approx(s["tokens_per_sec"] * per_token / 1e12)
+    assert s["mfu"] == pytest.approx(s["tflops_per_sec"] / 0.5)
+    assert s["peak_source"] == "callbacks.throughput.peak_tflops" and s["note"] is None
+    header = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    for name in ("tokens_per_sec", "samples_per_sec", "tflops_per_sec", "mfu"):
+        assert f"throughput/{name}" in header
+
+
+def test_cpu_without_peak_has_no_mfu_and_says_why(tmp_path):
+    monitor, _, _ = _fit(tmp_path, 1)
+    s = monitor.summary()  # one step: only the warm-up batch ran, still a value
+    assert s["steps_measured"] == 1 and s["tokens_per_sec"] > 0 and s["tflops_per_sec"] > 0
+    assert s["mfu"] is None and "peak_tflops" in s["note"] and "warm-up" in s["note"]
+
+
+@pytest.mark.parametrize("kwargs", [{"peak_tflops": 0}, {"peak_tflops": "fast"},
+                                    {"log_every_n_steps": 0}, {"warmup_steps": -1}])
+def test_bad_fields_are_config_errors(kwargs):
+    with pytest.raises(ConfigError, match="callbacks.throughput"):
+        ThroughputMonitor(**kwargs)
+
+
+@pytest.mark.slow
+def test_debug_fast_run_records_throughput(make_cfg):
+    cfg = make_cfg(["callbacks.throughput.peak_tflops=1.0"])
+    record = run(cfg)
+    saved = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    t = saved["throughput"]
+    assert t["steps_measured"] == cfg.trainer.max_steps - 1
+    assert t["tokens_per_sec"] > 0 and t["mfu"] == pytest.approx(t["tflops_per_sec"] / 1.0)
+    assert saved["metrics"]["throughput/tokens_per_sec"] == pytest.approx(t["tokens_per_sec"])
+    assert record["throughput"]["flops_per_token"] > 0
