@@ -26,6 +26,7 @@ from lmlab.assemble import build_parts
 from lmlab.callbacks.checkpointing import LAST_NAME, PREVIOUS_NAME
 from lmlab.callbacks.throughput import run_throughput
 from lmlab.checkpoint import load_resume_source
+from lmlab.compress import build_compression, check_compression, compress_after_training
 from lmlab.console import print_config_tree, print_results
 from lmlab.describe import describe
 from lmlab.errors import ConfigError, LmlabError
@@ -141,12 +142,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # The Trainer (strategy, precision, devices) is cheap to build and refuses impossible
     # settings itself: build it before any data is read or tokenizer trained.
     loggers = build_list(cfg.get("logger"), "logger")
-    callbacks = build_list(cfg.get("callbacks"), "callbacks")
+    compression = build_compression(OmegaConf.to_container(cfg.get("compress") or {"method": "none"}, resolve=True))
+    callbacks = build_list(cfg.get("callbacks"), "callbacks") + compression.callbacks()
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     parts = build_parts(cfg, load_resume_source(ckpt_path) if ckpt_path else None)
     params = parameter_counts(parts.task)  # backbone + task heads (e.g. the classifier)
+    check_compression(compression, parts, cfg.trainer)
 
     # Everything validated: from here on the run leaves a record.
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +181,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("test", True):
             trainer.test(parts.task, datamodule=parts.datamodule, verbose=False)
             metrics.update(_finite_metrics(trainer.callback_metrics))
+        compressed, compressed_metrics = compress_after_training(compression, parts, cfg.trainer)
+        if compressed is not None:
+            record["compress"] = compressed
+            metrics.update(compressed_metrics)
     except BaseException as err:
         record.update(
             status=_status_of(err),
