@@ -20,7 +20,9 @@ from lmlab.data import LMDataModule
 from lmlab.errors import ConfigError
 from lmlab.instantiate import accepted_keys, check_node, instantiate_checked
 from lmlab.models import ModelConfig, build_backbone
+from lmlab.optim.probe import check_optimizer
 from lmlab.peft import PeftStrategy, build_peft_strategy
+from lmlab.peft.adapter_io import read_adapter, trainable_keys
 from lmlab.tasks import TASKS
 from lmlab.tokenizers import TokenizerConfig
 
@@ -146,11 +148,16 @@ def check_lengths(dm: LMDataModule, model_cfg: ModelConfig) -> None:
 
 def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts:
     init = load_init_source(cfg.init_from) if cfg.get("init_from") else None
+    adapter = read_adapter(cfg.peft_from) if cfg.get("peft_from") else None
     model_cfg = model_config_from(cfg, init)
     probe = check_model(model_cfg)
     check_hf_pairing(cfg, model_cfg)
     task_cls, task_kwargs = check_task(cfg, model_cfg)
-    strategy = build_peft_strategy(to_container(cfg.peft))
+    peft_cfg = to_container(cfg.peft)
+    if adapter is not None:  # the adapter fixes the PEFT method and the architecture it fits
+        peft_cfg = adapter.peft_config(peft_cfg)
+        adapter.check_model(model_cfg.to_dict())
+    strategy = build_peft_strategy(peft_cfg)
     strategy.check(probe)
     if resume is not None:
         resume.check_matches(model_cfg.to_dict(), strategy.to_dict(),
@@ -165,12 +172,15 @@ def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts
                 check_node(node, f"{group}.{name}")
 
     optimizer = instantiate_checked(cfg.optimizer, "optimizer")
+    check_optimizer(optimizer)
     scheduler = instantiate_checked(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
     if scheduler is not None:
         check_schedule(scheduler, cfg.trainer.get("max_steps"))
 
     dm = build_datamodule(cfg, init, resume.tokenizer if resume is not None else None)
     check_lengths(dm, model_cfg)
+    if hasattr(strategy, "check_lengths"):  # methods that add positions (peft=prompt)
+        strategy.check_lengths(dm.max_sequence_length, model_cfg)
 
     model_cfg.vocab_size = dm.tokenizer.vocab_size
     if model_cfg.hf_path and model_cfg.hf_id_offset is None:
@@ -178,6 +188,8 @@ def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts
     backbone = build_backbone(model_cfg)
     if init is not None:
         init.load_into(backbone)
+    if hasattr(strategy, "use_tokenizer"):  # peft=prompt's init=text reads the run's tokenizer
+        strategy.use_tokenizer(dm.tokenizer)
     backbone = strategy.apply(backbone)
 
     # What only the data knows (classes, longest target) fills the task's unset fields.
@@ -196,6 +208,9 @@ def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts
         },
         **{k: v for k, v in task_kwargs.items() if v is not None},
     )
+    task.checkpoint_metadata["trainable"] = trainable_keys(task)  # for `export --adapter-only`
+    if adapter is not None:
+        adapter.load_into(task)
     if not any(p.requires_grad for p in task.parameters()):
         raise ConfigError("peft", strategy.method, reason=f"nothing would train: peft={strategy.method} freezes the "
                           f"backbone and task={cfg.task.name} has no head of its own (use it with task=classify)")
