@@ -89,6 +89,15 @@ def load_hf_init_source(directory: str) -> InitSource:
     from lmlab.tokenizers import HFTokenizer, TokenizerConfig
 
     hf_model_config(directory)  # directory and architecture errors come first
+        if unexpected and not source_strategy.can_merge and not missing:
+            method = source_strategy.method
+            raise ConfigError(
+                "init_from", str(self.path),
+                reason=f"the checkpoint was trained with peft={method}, which cannot be merged into "
+                f"its backbone ({source_strategy.cannot_merge_reason}); start from its base and load "
+                f"the trained tensors with peft_from=<dir> (written by `lmlab export {self.path} "
+                "<dir> --adapter-only`)",
+            )
     if tokenizer_path(directory) is None:
         raise ConfigError("init_from", f"hf:{directory}",
                           reason="no tokenizer.json next to the model (its ids must match the embeddings)")

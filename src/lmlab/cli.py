@@ -9,8 +9,13 @@ from lmlab.errors import LmlabError
 
 
 def _export(args: argparse.Namespace) -> None:
-    from lmlab.export import export_checkpoint
+    from lmlab.export import export_adapter, export_checkpoint
 
+    if args.adapter_only:
+        path = export_adapter(args.checkpoint, args.out)
+        print(f"exported the trained tensors of {args.checkpoint} -> {path} "
+              f"({path.stat().st_size:,} bytes); load them with peft_from={args.out}")
+        return
     path = export_checkpoint(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} -> {path}")
 
@@ -117,9 +122,15 @@ def _describe(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmlab", description="lmlab command-line tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="merge a run's adapters into its backbone and write it out")
-    export.add_argument("checkpoint", help="an lmlab checkpoint, e.g. outputs/runs/<run>/checkpoints/last.ckpt")
-    export.add_argument("out", help="output directory (model.ckpt, config.json, tokenizer/)")
+    export = sub.add_parser("export", help="merge a run's adapters into its backbone and write it out "
+                            "(or, with --adapter-only, only the tensors it trained)")
+    export.add_argument("checkpoint", help="an lmlab checkpoint, e.g. outputs/runs/<run>/checkpoints/last.ckpt, "
+                        "or a run directory (its last.ckpt)")
+    export.add_argument("out", help="output directory (model.ckpt, config.json, tokenizer/; or "
+                        "adapter.safetensors, adapter_config.json)")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="write only the trained tensors (adapters, biases, heads) + the PEFT config; "
+                        "load them onto the base with init_from=<base> peft_from=<out>")
     export.set_defaults(func=_export)
     _add_tokenizers_parser(sub)
     report = sub.add_parser("report", help="a run or sweep directory as a table (md + csv) and plots (png)")

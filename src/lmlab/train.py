@@ -184,8 +184,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         compressed, compressed_metrics = compress_after_training(compression, parts, cfg.trainer)
         if compressed is not None:
             record["compress"] = compressed
+        peft_report=parts.strategy.report(),  # what the method measured (e.g. bytes quantized)
             metrics.update(compressed_metrics)
     except BaseException as err:
+        peft_from=cfg.get("peft_from"),
         record.update(
             status=_status_of(err),
             error=f"{type(err).__name__}: {err}",

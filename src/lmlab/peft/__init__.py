@@ -6,14 +6,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from lmlab.errors import ConfigError
+from lmlab.peft.adapter import BottleneckAdapters
 from lmlab.peft.base import PeftStrategy, parameter_counts
 from lmlab.peft.full import FullFineTuning, NoPeft
 from lmlab.peft.ia3 import IA3
 from lmlab.peft.lora import DoRA, LoRA
+from lmlab.peft.qlora import QLoRA
 from lmlab.peft.selective import BitFit, Frozen
 
 STRATEGIES: dict[str, type[PeftStrategy]] = {
-    cls.method: cls for cls in (NoPeft, FullFineTuning, LoRA, DoRA, IA3, BitFit, Frozen)
+    cls.method: cls for cls in (NoPeft, FullFineTuning, LoRA, DoRA, IA3, BitFit, Frozen, QLoRA,
+                                    BottleneckAdapters)
 }
 
 

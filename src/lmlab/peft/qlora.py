@@ -1,0 +1,194 @@
+"""`peft=qlora`: the frozen base's block Linears become bitsandbytes 4-bit, LoRA trains on top.
+
+QLoRA (Dettmers et al., 2023): every Linear inside the transformer/Mamba blocks is replaced by a
+`bitsandbytes` `Linear4bit` (NF4 or FP4 blocks of 64, optionally with double quantisation of
+the block scales); embeddings, `lm_head`, BERT's MLM transform and task heads stay in full
+precision, as in the paper's recipe. `peft`'s 4-bit LoRA layer then wraps the targeted
+quantized layers. The same code runs on CPU (bitsandbytes' CPU kernels) and on GPU.
+
+Merging is done by dequantising: each Linear4bit becomes an fp32 `nn.Linear` holding
+dequant(W) (+ the LoRA update where there is one), so the merged model computes exactly what the
+trained one did (up to float rounding), not a re-quantised approximation of it. It differs from
+the original full-precision base by the quantisation error, which was there during training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import bitsandbytes as bnb
+import torch
+from bitsandbytes.functional import dequantize_4bit
+from bitsandbytes.nn import Params4bit
+from peft import inject_adapter_in_model, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.peft.base import state_bytes
+from lmlab.peft.lora import LoRA, check_targets, linear_names
+
+QUANT_TYPES = ("nf4", "fp4")
+ALL = "all"  # target_modules value: every quantized Linear (the QLoRA paper adapts them all)
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class QuantizedLinear(bnb.nn.Linear4bit):
+    """`Linear4bit` that can load its own state dict: bitsandbytes saves the packed weight and
+    its quantisation statistics (`weight.absmax`, `weight.quant_map`, ...) but loading them back
+    is left to transformers. Resuming, `init_from` and `lmlab export` need it here."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        key = prefix + "weight"
+        stats = {k[len(key) + 1:]: v for k, v in state_dict.items() if k.startswith(key + ".")}
+        stat_keys = {f"{key}.{name}" for name in stats}
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in stat_keys]
+        if key in state_dict and stats:
+            self.weight = Params4bit.from_prequantized(
+                data=state_dict[key], quantized_stats=stats, requires_grad=False,
+                device=self.weight.device,
+            )
+
+
+def quantize_linear(linear: nn.Linear, quant_type: str, double_quant: bool,
+                    compute_dtype: torch.dtype) -> QuantizedLinear:
+    q = QuantizedLinear(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
+        device=linear.weight.device,
+    )
+    q.weight = Params4bit(linear.weight.data.float(), requires_grad=False,
+                          compress_statistics=double_quant, quant_type=quant_type)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    # bitsandbytes quantizes when the weight is moved to a (real) device.
+    return q.to(linear.weight.device)
+
+
+def block_linears(backbone: nn.Module) -> list[str]:
+    """Names of the Linears inside the layer stacks (`layers.{i}.…`): the frozen base that is
+    quantized. Embeddings, lm_head and heads outside the stacks are left alone."""
+    return [name for name, m in backbone.named_modules()
+            if isinstance(m, nn.Linear) and "layers" in name.split(".")]
+
+
+def dequantized_linear(layer: bnb.nn.Linear4bit) -> nn.Linear:
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                      device=weight.device)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if layer.bias is not None:
+            plain.bias.copy_(layer.bias.float())
+    return plain
+
+
+def _replace(backbone: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(backbone.get_submodule(parent_name) if parent_name else backbone, child, module)
+
+
+@dataclass
+class QLoRA(LoRA):
+    method = "qlora"
+    can_merge = True
+
+    target_modules: list[str] = field(default_factory=lambda: [ALL])
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True  # quantize the per-block scales too (~0.37 bit/param saved)
+    compute_dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the dequantized matmul
+
+    def __post_init__(self) -> None:
+        if self.target_modules == ALL:
+            self.target_modules = [ALL]
+        super().__post_init__()
+        if ALL in self.target_modules and len(self.target_modules) > 1:
+            raise ConfigError("peft.target_modules", self.target_modules,
+                              reason=f"{ALL!r} already names every quantized layer; give it alone")
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError("peft.quant_type", self.quant_type, QUANT_TYPES)
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError("peft.compute_dtype", self.compute_dtype, list(COMPUTE_DTYPES))
+        if not isinstance(self.double_quant, bool):
+            raise ConfigError("peft.double_quant", self.double_quant, [True, False])
+        self._report: dict[str, Any] = {}
+
+    def check(self, backbone: nn.Module) -> None:
+        if getattr(getattr(backbone, "config", None), "hf_path", None):
+            raise ConfigError(
+                "peft", self.method, ["lora", "dora", "ia3"],
+                "peft=qlora quantizes lmlab's own backbones; with model=hf use peft=lora (load "
+                "the HF model in 4 bit with transformers' BitsAndBytesConfig outside lmlab)",
+            )
+        quantized = {name.rsplit(".", 1)[-1] for name in block_linears(backbone)}
+        if self.target_modules == [ALL]:
+            return
+        check_targets(backbone, self.target_modules)
+        outside = [t for t in self.target_modules if t not in quantized]
+        if outside:
+            # LoRA on a full-precision head works, but is not QLoRA's frozen 4-bit base: say so
+            # rather than let a typo'd target go unnoticed.
+            raise ConfigError(
+                "peft.target_modules", outside, sorted(quantized),
+                "peft=qlora adapts the quantized block Linears; embeddings and heads stay in full "
+                f"precision (adapt them with peft=lora); available: {linear_names(backbone)}",
+            )
+
+    def apply(self, backbone: nn.Module) -> nn.Module:
+        self.check(backbone)
+        dtype = COMPUTE_DTYPES[self.compute_dtype]
+        before = state_bytes(backbone)
+        names = block_linears(backbone)
+        linear_before = sum(state_bytes(backbone.get_submodule(n)) for n in names)
+        for name in names:
+            _replace(backbone, name, quantize_linear(backbone.get_submodule(name), self.quant_type,
+                                                     self.double_quant, dtype))
+        linear_after = sum(state_bytes(backbone.get_submodule(n)) for n in names)
+        # peft picks its 4-bit LoRA layer (and prepare_model_for_kbit_training its k-bit path)
+        # by this flag, which transformers sets on models it loaded with bitsandbytes.
+        backbone.is_loaded_in_4bit = True
+        # Freezes the base and upcasts fp16/bf16 non-quantized weights to fp32. lmlab has its own
+        # activation checkpointing, so the transformers-only gradient checkpointing stays off.
+        prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+        after = state_bytes(backbone)
+        self._report = {
+            "quantized_layers": len(names),
+            "quant_type": self.quant_type,
+            "frozen_base_bytes_before": before,
+            "frozen_base_bytes_after": after,
+            "quantized_linear_bytes_before": linear_before,
+            "quantized_linear_bytes_after": linear_after,
+        }
+        targets = self.target_modules
+        if targets == [ALL]:
+            targets = sorted({name.rsplit(".", 1)[-1] for name in names})
+        return inject_adapter_in_model(replace(self.peft_config(), target_modules=targets), backbone)
+
+    def report(self) -> dict[str, Any]:
+        return dict(self._report)
+
+    def merge(self, backbone: nn.Module) -> nn.Module:
+        """Dequantize every 4-bit layer to fp32 and add its LoRA update: a plain backbone."""
+        for name, module in list(backbone.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                base = module.get_base_layer()
+                if isinstance(base, bnb.nn.Linear4bit):
+                    plain = dequantized_linear(base)
+                    with torch.no_grad():
+                        for adapter in module.active_adapters:
+                            plain.weight += module.get_delta_weight(adapter).float()
+                else:
+                    module.merge()
+                    plain = base
+                _replace(backbone, name, plain)
+        for name, module in list(backbone.named_modules()):
+            if isinstance(module, bnb.nn.Linear4bit):
+                _replace(backbone, name, dequantized_linear(module))
+        if hasattr(backbone, "is_loaded_in_4bit"):
+            del backbone.is_loaded_in_4bit
+        backbone.requires_grad_(True)
+        return backbone
