@@ -3,6 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import lmlab.sweep  # noqa: F401  registers the sweep-directory resolvers before Hydra composes
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:

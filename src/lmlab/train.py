@@ -34,6 +34,8 @@ from lmlab.instantiate import instantiate_checked
 from lmlab.loggers.wandb import finish_wandb_runs
 from lmlab.peft import parameter_counts
 from lmlab.record import base_record, write_record
+from lmlab.requeue import install_requeue_bridge
+from lmlab.sweep import previous_record
 from lmlab.tokenizers import tokenizer_metrics
 
 log = logging.getLogger("lmlab")
@@ -260,10 +262,26 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
     write_record(output_dir, record)
 
 
+def completed_earlier(cfg: DictConfig) -> dict[str, Any] | None:
+    """In a multirun, the record of this job if an earlier run of the sweep completed it."""
+    if not is_multirun():
+        return None
+    record = previous_record(cfg.paths.output_dir, overrides_of(cfg))
+    if record is not None and record.get("status") == "completed":
+        log.info("skipping %s: completed by an earlier run of this sweep", cfg.paths.output_dir)
+        return record
+    return None
+
+
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry: user errors print one clear message; in a sweep a failed job is recorded
-    (status "failed" in its metrics.json) and the sweep moves on."""
+    (status "failed" in its metrics.json) and the sweep moves on, and a job an earlier run of
+    the same sweep completed is skipped (its objective returned again)."""
+    bridge = install_requeue_bridge()  # submitit jobs: checkpoint before requeueing
     try:
+        done = completed_earlier(cfg)
+        if done is not None:
+            return objective(done, cfg)
         record = run(cfg)
     except LmlabError as err:
         log.error("%s: %s", type(err).__name__, err)
@@ -274,6 +292,8 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except SIGTERMException:
         log.warning("preempted (SIGTERM): last.ckpt saved; rerun the same command to resume")
+        if bridge is not None and bridge.requested:
+            bridge.requeue()  # SLURM: resubmitted, resumes from last.ckpt
         sys.exit(143)
     except Exception as err:
         if is_multirun():
