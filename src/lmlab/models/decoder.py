@@ -19,6 +19,7 @@ from lmlab.models.layers.mamba import MambaMixer
 from lmlab.models.layers.mask import build_attention_mask, sliding_window_mask
 from lmlab.models.layers.norm import build_norm
 from lmlab.models.positions import PositionScheme, real_token_positions
+from lmlab.models.soft_prompt import prepend_soft_prompt
 
 
 class DecoderBlock(nn.Module):
@@ -93,6 +94,7 @@ class DecoderLM(Backbone, PositionScheme):
         self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.register_module("soft_prompt", None)  # prompt tuning installs one (soft_prompt.py)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -126,9 +128,15 @@ class DecoderLM(Backbone, PositionScheme):
 
         attention_mask: [B, past + T], 1/True for real tokens (covers cached tokens too).
             Pass None when nothing is padded: that keeps attention on the fused causal path.
+            With a `soft_prompt` neither `past` nor the mask count the prompt; the model adds it.
         cache: a `new_cache(...)` object; the new keys/values are appended to it.
         """
-        B, T = input_ids.shape
+        h = self.embed_tokens(input_ids)
+        take_input_positions = None  # set when prompt tuning inserts virtual tokens into h
+        if self.soft_prompt is not None:
+            h, attention_mask, take_input_positions = prepend_soft_prompt(
+                self.soft_prompt, h, attention_mask, cache)
+        B, T = h.shape[:2]
         past = cache.length if cache is not None else 0
         S = past + T
         self.check_lengths(B, T, S, attention_mask, cache,
@@ -136,7 +144,7 @@ class DecoderLM(Backbone, PositionScheme):
 
         key_positions = real_token_positions(attention_mask, S, input_ids.device)  # [B or 1, S]
         position_ids = key_positions[:, past:]
-        h = self.embed_dropout(self.embed_positions(self.embed_tokens(input_ids), position_ids, S))
+        h = self.embed_dropout(self.embed_positions(h, position_ids, S))
 
         rotary, bias = self.position_terms(position_ids, key_positions, S)
         window = None
@@ -152,6 +160,8 @@ class DecoderLM(Backbone, PositionScheme):
                       token_mask)
         if cache is not None:
             cache.advance(T)
+        if take_input_positions is not None:
+            h = take_input_positions(h)
         return self.norm(h)
 
     def new_cache(
@@ -165,6 +175,8 @@ class DecoderLM(Backbone, PositionScheme):
         attention layers, a constant-size recurrent state for the Mamba layers."""
         weight = self.embed_tokens.weight
         config = self.config
+        if self.soft_prompt is not None:
+            max_len += self.soft_prompt.n_virtual_tokens  # the prompt is cached like tokens
         return KVCache(
             config.n_layers,
             batch_size,

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from lmlab.models.backbone import Backbone, init_weights
 from lmlab.models.config import ModelConfig
 from lmlab.models.layers.norm import build_norm
+from lmlab.models.soft_prompt import prepend_soft_prompt
 from lmlab.models.stack import TransformerStack
 
 
@@ -46,6 +47,7 @@ class EncoderModel(Backbone):
         self.mlm_transform = MLMTransform(config) if config.mlm_head else None
         # The output bias is per-token prior that a tied weight cannot express (BERT has one).
         self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=config.bias)
+        self.register_module("soft_prompt", None)  # prompt tuning installs one (soft_prompt.py)
         self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -54,7 +56,13 @@ class EncoderModel(Backbone):
         init_weights(self, self.config.init_std, [(self.encoder, self.encoder.n_residual_writes)])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return self.encoder(self.embed_tokens(input_ids), attention_mask)
+        h = self.embed_tokens(input_ids)
+        if self.soft_prompt is None:
+            return self.encoder(h, attention_mask)
+        # The virtual tokens' states are dropped: heads see the input's positions only.
+        h, attention_mask, take_input_positions = prepend_soft_prompt(self.soft_prompt, h,
+                                                                      attention_mask)
+        return take_input_positions(self.encoder(h, attention_mask))
 
     def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Same as `forward`: the name every backbone shares for pooling heads."""

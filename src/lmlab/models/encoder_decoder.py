@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lmlab.models.backbone import Backbone, init_weights
 from lmlab.models.cache import KVCache
 from lmlab.models.config import ModelConfig
+from lmlab.models.soft_prompt import prepend_soft_prompt, widen_mask
 from lmlab.models.stack import TransformerStack
 
 
@@ -66,6 +67,9 @@ class EncoderDecoderModel(Backbone):
         self.encoder = TransformerStack(config, config.n_layers, causal=False)
         self.decoder = TransformerStack(config, n_dec, causal=True, cross_attention=True)
         self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=False)
+        # Prompt tuning's virtual tokens go in front of the source only (as in `peft`): the
+        # decoder reads them through cross-attention, its own input stays the target.
+        self.register_module("soft_prompt", None)
         self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -75,8 +79,15 @@ class EncoderDecoderModel(Backbone):
                      [(s, s.n_residual_writes) for s in (self.encoder, self.decoder)])
 
     def encode(self, src_ids: Tensor, src_mask: Tensor | None = None) -> Tensor:
-        """src_ids [B, S] (padded either side), src_mask 1 = real -> memory [B, S, d_model]."""
-        return self.encoder(self.embed_tokens(src_ids), src_mask)
+        """src_ids [B, S] (padded either side), src_mask 1 = real -> memory [B, S, d_model].
+
+        With a `soft_prompt` the memory is [B, P + S, d_model] (the prompt's states included)
+        and `decode` widens `src_mask` to match.
+        """
+        h = self.embed_tokens(src_ids)
+        if self.soft_prompt is not None:
+            h, src_mask, _ = prepend_soft_prompt(self.soft_prompt, h, src_mask)
+        return self.encoder(h, src_mask)
 
     def decode(
         self,
@@ -89,6 +100,8 @@ class EncoderDecoderModel(Backbone):
 
         memory may be None once `cache` holds its projected keys/values.
         """
+        if self.soft_prompt is not None:
+            src_mask = widen_mask(src_mask, self.soft_prompt.n_virtual_tokens)
         if cache is not None and cache.memory_kv is not None:
             memory_kv = cache.memory_kv
         elif memory is None:

@@ -11,12 +11,14 @@ from lmlab.peft.base import PeftStrategy, parameter_counts
 from lmlab.peft.full import FullFineTuning, NoPeft
 from lmlab.peft.ia3 import IA3
 from lmlab.peft.lora import DoRA, LoRA
+from lmlab.peft.prefix import PrefixTuning
+from lmlab.peft.prompt import PromptTuning
 from lmlab.peft.qlora import QLoRA
 from lmlab.peft.selective import BitFit, Frozen
 
 STRATEGIES: dict[str, type[PeftStrategy]] = {
     cls.method: cls for cls in (NoPeft, FullFineTuning, LoRA, DoRA, IA3, BitFit, Frozen, QLoRA,
-                                    BottleneckAdapters)
+                                    PrefixTuning, PromptTuning, BottleneckAdapters)
 }
 
 

@@ -9,6 +9,7 @@ the explicit softmax(QK^T / sqrt(d) + mask) V reference that tests compare again
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +23,32 @@ if TYPE_CHECKING:
     from lmlab.models.cache import LayerKVCache
 
 ATTN_IMPLS = ("sdpa", "eager")
+
+# Gives a layer's learned prefix keys and values, each [1 or B, n_kv_heads, P, head_dim].
+PrefixKV = Callable[[], tuple[Tensor, Tensor]]
+
+
+def prepend_prefix(
+    k: Tensor, v: Tensor, attn_mask: Tensor | None, prefix: PrefixKV, q_len: int, causal: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Put prefix keys/values (prefix tuning) before `k`/`v` [B, Hkv, S, D] and widen the mask.
+
+    Prefix keys are visible to every query: causality, padding and windows concern real
+    positions only, and an additive bias (ALiBi, T5 buckets) is 0 on them, because a prefix
+    has no position (it is not rotated either: it comes after RoPE and the KV cache).
+    """
+    prefix_k, prefix_v = prefix()
+    B, S, P = k.shape[0], k.shape[-2], prefix_k.shape[-2]
+    k = torch.cat([prefix_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=-2)
+    v = torch.cat([prefix_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=-2)
+    if attn_mask is None:
+        if not (causal and q_len > 1):
+            return k, v, None
+        attn_mask = causal_mask(q_len, S, k.device)
+    shape = (*attn_mask.shape[:-1], P)
+    visible = (attn_mask.new_ones(shape) if attn_mask.dtype == torch.bool
+               else attn_mask.new_zeros(shape))
+    return k, v, torch.cat([visible, attn_mask], dim=-1)
 
 
 def eager_attention(
@@ -64,7 +91,12 @@ class MultiHeadAttention(nn.Module):
     `causal` is the layer's default masking when the caller passes no `attn_mask` (no padding,
     no bias); a caller-built mask (see `layers.mask.build_attention_mask`) already encodes
     causality and replaces it.
+
+    `prefix_kv` (None unless prefix tuning installs one, see `lmlab.peft.prefix`) gives learned
+    keys/values that every query attends to before the sequence's own (`prepend_prefix`).
     """
+
+    prefix_kv: PrefixKV | None = None
 
     def __init__(
         self,
@@ -124,6 +156,8 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rotary(q, k, *rotary)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
+        if self.prefix_kv is not None:
+            k, v, attn_mask = prepend_prefix(k, v, attn_mask, self.prefix_kv, T, self.causal)
         S = k.shape[-2]
 
         # Decisions on shapes only (never on tensor values), so torch.compile can trace them.

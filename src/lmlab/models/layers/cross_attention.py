@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmlab.models.layers.attention import MultiHeadAttention, eager_attention
+from lmlab.models.layers.attention import MultiHeadAttention, eager_attention, prepend_prefix
 
 
 class CrossAttention(MultiHeadAttention):
@@ -47,6 +47,8 @@ class CrossAttention(MultiHeadAttention):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = memory_kv
+        if self.prefix_kv is not None:
+            k, v, attn_mask = prepend_prefix(k, v, attn_mask, self.prefix_kv, T, causal=False)
         attend = F.scaled_dot_product_attention if self.attn_impl == "sdpa" else eager_attention
         out = attend(
             q, k, v,
