@@ -91,6 +91,37 @@ def _no_wandb_account(monkeypatch, tmp_path):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def write_lmlab_checkpoint(path: Path, backbone, tokenizer) -> Path:
+    """A checkpoint as a run writes it (weights, model config, tokenizer files), without a run:
+    usable as `init_from=` or `teacher=`."""
+    import torch
+
+    from lmlab.checkpoint import METADATA_KEY, tokenizer_files
+
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+                METADATA_KEY: {"model": backbone.config.to_dict(), "peft": {"method": "none"},
+                               "tokenizer_files": tokenizer_files(tokenizer)}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """An untrained tiny decoder with a word tokenizer of the synthetic tasks, as `teacher=`."""
+    import torch
+
+    from lmlab.data import SyntheticTasksDataModule
+    from lmlab.models import ModelConfig, build_backbone
+
+    directory = tmp_path_factory.mktemp("teacher")
+    dm = SyntheticTasksDataModule(n_train=64, n_val=8, n_test=8, tokenizer={"kind": "word"},
+                                  cache_dir=directory / "cache")
+    dm.setup()
+    torch.manual_seed(0)
+    backbone = build_backbone(ModelConfig(vocab_size=dm.tokenizer.vocab_size, d_model=32, n_layers=2, n_heads=4,
+                                          max_seq_len=64))
+    return write_lmlab_checkpoint(directory / "teacher.ckpt", backbone, dm.tokenizer)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
     """A local Hugging Face directory (tiny random Llama + a word-level tokenizer.json covering

@@ -24,6 +24,7 @@ from lmlab.optim.probe import check_optimizer
 from lmlab.peft import PeftStrategy, build_peft_strategy
 from lmlab.peft.adapter_io import read_adapter, trainable_keys
 from lmlab.tasks import TASKS
+from lmlab.tasks.distill import build_teacher, teacher_for
 from lmlab.tokenizers import TokenizerConfig
 
 
@@ -106,13 +107,18 @@ def check_task(cfg: DictConfig, model_cfg: ModelConfig) -> tuple[type, dict[str,
 
 # Data that can be served in several formats is served in the one its task reads.
 TASK_DATA_FORMAT = {"seq2seq": "seq2seq", "clm": "clm"}
+# ... or, for tasks serving several families, the one the backbone's family reads.
+FAMILY_DATA_FORMAT = {"decoder": "clm", "encoder_decoder": "seq2seq"}
 
 
-def build_datamodule(cfg: DictConfig, init: InitSource | None, ckpt_tokenizer=None) -> LMDataModule:
+def build_datamodule(cfg: DictConfig, init: InitSource | None, ckpt_tokenizer=None,
+                     family: str | None = None) -> LMDataModule:
     tokenizer = ckpt_tokenizer or (init.tokenizer if init is not None else None)
     extra: dict[str, Any] = {}
     if cfg.data.get("format", None) == "auto" and cfg.task.name in TASK_DATA_FORMAT:
         extra["format"] = TASK_DATA_FORMAT[cfg.task.name]
+    elif cfg.data.get("format", None) == "auto" and cfg.task.name == "distill" and family in FAMILY_DATA_FORMAT:
+        extra["format"] = FAMILY_DATA_FORMAT[family]
     dm = instantiate_checked(
         cfg.data,
         "data",
@@ -153,6 +159,8 @@ def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts
     probe = check_model(model_cfg)
     check_hf_pairing(cfg, model_cfg)
     task_cls, task_kwargs = check_task(cfg, model_cfg)
+    # task=distill: the teacher checkpoint is read now (errors before compute); its tokenizer is the run's.
+    teacher = teacher_for(cfg.task.name, task_kwargs, cfg.get("teacher"), model_cfg)
     peft_cfg = to_container(cfg.peft)
     if adapter is not None:  # the adapter fixes the PEFT method and the architecture it fits
         peft_cfg = adapter.peft_config(peft_cfg)
@@ -177,7 +185,8 @@ def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts
     if scheduler is not None:
         check_schedule(scheduler, cfg.trainer.get("max_steps"))
 
-    dm = build_datamodule(cfg, init, resume.tokenizer if resume is not None else None)
+    dm = build_datamodule(cfg, init or teacher, resume.tokenizer if resume is not None else None,
+                          model_cfg.family)
     check_lengths(dm, model_cfg)
     if hasattr(strategy, "check_lengths"):  # methods that add positions (peft=prompt)
         strategy.check_lengths(dm.max_sequence_length, model_cfg)
@@ -191,6 +200,8 @@ def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts
     if hasattr(strategy, "use_tokenizer"):  # peft=prompt's init=text reads the run's tokenizer
         strategy.use_tokenizer(dm.tokenizer)
     backbone = strategy.apply(backbone)
+    if teacher is not None:
+        task_kwargs["teacher"] = build_teacher(teacher, dm.tokenizer)
 
     # What only the data knows (classes, longest target) fills the task's unset fields.
     accepted = accepted_keys(task_cls)
