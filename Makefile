@@ -1,4 +1,4 @@
-# make train | make test — each sets up .venv on first use.
+# make train | make test | make bench — each sets up .venv on first use.
 # torch is installed first and pinned: an unpinned torch on a machine without a GPU pulls a
 # multi-GB CUDA build.
 PYTHON ?= python3.11
@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: setup train test clean
+.PHONY: setup train test bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +24,10 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The benchmark table (bench/results.md); BENCH_ARGS="--only train" or "--quick".
+bench: setup
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .cache .pytest_cache

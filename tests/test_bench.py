@@ -18,3 +18,17 @@ def test_tokenizer_bench_quick_runs():
                           cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| kind |" in proc.stdout and "| bpe |" in proc.stdout
+
+
+@pytest.mark.timeout(600)
+def test_make_bench_quick_runs_every_bench(tmp_path):
+    out = tmp_path / "results.md"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    for bench in ("train: gqa vs LlamaForCausalLM", "lightning_vs_raw", "generate: KV-cache",
+                  "data_pipeline", "tokenizers: lmlab pipeline", "bert vs BertForMaskedLM",
+                  "t5 vs T5ForConditionalGeneration"):
+        assert f"| {bench}" in table, bench
+    assert "logits equal" in table and "same tokens" in table

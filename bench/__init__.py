@@ -1,0 +1,1 @@
+"""Benchmarks against the code lmlab's users would otherwise write (`make bench`)."""

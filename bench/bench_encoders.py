@@ -1,0 +1,128 @@
+"""The encoder and encoder-decoder families against their transformers equivalents.
+
+A random `BertForMaskedLM` / `T5ForConditionalGeneration` (T5 v1.1 style gated-SiLU, no
+dropout) at the bench dimensions is saved and imported with `lmlab.models.hf.import_hf`, the
+outputs are checked equal, then training tokens/s (fp32, eager, AdamW with the same settings)
+are compared, each side computing its loss the way its users do:
+
+- bert: the mlm task's step (backbone, MLM head on the 15% chosen positions only, fp32
+  cross-entropy) vs `BertForMaskedLM(input_ids, attention_mask, labels=...)`.
+- t5: the seq2seq task's step (logits, fp32 cross-entropy) vs
+  `T5ForConditionalGeneration(input_ids, attention_mask, decoder_input_ids, labels)`.
+Tokens are input positions: all of them for bert, source + target for t5 (S = T = seq_len).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import Row, Size, interleaved, rate_row
+from lmlab.models import build_backbone
+from lmlab.models.hf import import_hf
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+GOAL = 1.05
+
+
+def _imported(hf_model) -> torch.nn.Module:
+    with tempfile.TemporaryDirectory() as directory:
+        hf_model.save_pretrained(directory)
+        config, state = import_hf(directory)
+    config.dropout = 0.0
+    model = build_backbone(config)
+    model.load_state_dict(state)
+    return model
+
+
+def _check(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
+    diff = (a[..., : b.shape[-1]] - b).abs().max().item()
+    if diff > 1e-3:
+        raise AssertionError(f"{what}: lmlab and HF outputs differ by {diff}")
+    return diff
+
+
+def _compare(size: Size, name: str, lmlab, hf, lmlab_step, hf_step, tokens: int,
+             diff: float) -> Row:
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True)
+                  for k, m in (("lmlab", lmlab), ("hf", hf))}
+    steps = {"lmlab": lmlab_step, "hf": hf_step}
+
+    def run(side):
+        for _ in range(size.steps):
+            steps[side]().backward()
+            optimizers[side].step()
+            optimizers[side].zero_grad(set_to_none=True)
+
+    times = interleaved({k: (lambda k=k: run(k)) for k in steps}, size.repeats)
+    tok = {k: tokens * size.steps / t for k, t in times.items()}
+    return rate_row(name, "training tok/s, fp32 eager", tok["lmlab"], tok["hf"], GOAL,
+                    [f"outputs equal to {diff:.0e}"])
+
+
+def bert_row(size: Size) -> Row:
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    hf = BertForMaskedLM(BertConfig(
+        vocab_size=size.vocab, hidden_size=size.d_model, num_hidden_layers=size.n_layers,
+        num_attention_heads=size.n_heads, intermediate_size=size.d_ff,
+        max_position_embeddings=size.seq_len, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).train()
+    lmlab = _imported(hf).train()
+    ids = torch.randint(6, size.vocab, (size.batch, size.seq_len))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        diff = _check(lmlab.mlm_logits(lmlab(ids, mask)), hf(ids, attention_mask=mask).logits,
+                      "bert")
+    chosen = torch.rand(ids.shape) < 0.15
+    labels = torch.where(chosen, ids, -100)
+
+    def lmlab_step():
+        hidden = lmlab(ids, mask)
+        logits = lmlab.mlm_logits(hidden[chosen][None])[0]
+        return F.cross_entropy(logits[:, : size.vocab].float(), ids[chosen])
+
+    def hf_step():
+        return hf(ids, attention_mask=mask, labels=labels).loss
+
+    return _compare(size, "bert vs BertForMaskedLM", lmlab, hf, lmlab_step, hf_step,
+                    size.tokens, diff)
+
+
+def t5_row(size: Size) -> Row:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    hf = T5ForConditionalGeneration(T5Config(
+        vocab_size=size.vocab, d_model=size.d_model, d_kv=size.d_model // size.n_heads,
+        d_ff=size.d_ff, num_layers=size.n_layers, num_decoder_layers=size.n_layers,
+        num_heads=size.n_heads, feed_forward_proj="gated-silu", dropout_rate=0.0,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).train()
+    lmlab = _imported(hf).train()
+    src = torch.randint(6, size.vocab, (size.batch, size.seq_len))
+    tgt = torch.randint(6, size.vocab, (size.batch, size.seq_len + 1))
+    tgt_in, tgt_out = tgt[:, :-1].contiguous(), tgt[:, 1:].contiguous()
+    src_mask = torch.ones_like(src)
+    with torch.no_grad():
+        diff = _check(lmlab(src, src_mask, tgt_in),
+                      hf(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in).logits,
+                      "t5")
+
+    def lmlab_step():
+        logits = lmlab(src, src_mask, tgt_in)[..., : size.vocab].float()
+        return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten())
+
+    def hf_step():
+        return hf(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in,
+                  labels=tgt_out).loss
+
+    return _compare(size, "t5 vs T5ForConditionalGeneration", lmlab, hf, lmlab_step, hf_step,
+                    2 * size.tokens, diff)
+
+
+def rows(size: Size) -> list[Row]:
+    return [bert_row(size), t5_row(size)]

@@ -1,0 +1,138 @@
+"""What lmlab's machinery costs around the model: the Lightning run vs a raw PyTorch loop, and
+the real data pipeline vs batches already in memory.
+
+One run is composed from `conf/` as `python train.py` would (model=gqa at the bench
+dimensions, data=text on TinyStories, a BPE tokenizer of the bench vocabulary, the default
+callbacks and CSV logger) and assembled with `lmlab.assemble.build_parts`; both sides then
+train that same task's backbone:
+
+- lightning_vs_raw: `Trainer.fit` with the run's callbacks and logger vs a plain loop doing
+  what the clm task does (forward, fp32 cross-entropy on the labels, backward, gradient
+  clipping at `trainer.gradient_clip_val`, the run's optimizer and schedule), both reading
+  the run's DataLoader. Timed from the end of the first step to the end of the last, so fit
+  start-up (and the end-of-run checkpoint) is not counted; ratio = lmlab time / raw time.
+- data_pipeline: the raw step fed by the run's DataLoader (memory-mapped token windows,
+  step-seeded sampler, collation) vs the same step on batches collected beforehand.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import ProgressBar
+from omegaconf import open_dict
+
+from bench.common import Row, Size, interleaved, time_row
+from lmlab.assemble import build_parts
+from lmlab.data.collate import IGNORE_INDEX
+from lmlab.instantiate import instantiate_checked
+from lmlab.tasks.base import split_weight_decay
+from lmlab.train import build_list
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = (ROOT / ".." / "shared" / "data" / "tinystories" / "train_sample_2MiB.txt").resolve()
+LIGHTNING_GOAL, DATA_GOAL = 1 / 0.97, 1.02
+
+
+def compose_run(size: Size, out: Path, steps: int):
+    overrides = [
+        "model=gqa", f"model.d_model={size.d_model}", f"model.n_layers={size.n_layers}",
+        f"model.n_heads={size.n_heads}", f"model.n_kv_heads={size.n_kv_heads}",
+        f"model.d_ff={size.d_ff}", f"model.max_seq_len={size.seq_len}",
+        "data=text", f"data.path={CORPUS}", f"data.seq_len={size.seq_len}",
+        f"data.batch_size={size.batch}", "data.tokenizer_train_chars=1000000",
+        "tokenizer=bpe", f"tokenizer.vocab_size={size.vocab}",
+        f"trainer.max_steps={steps}", "trainer.limit_val_batches=0",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "validate_after_fit=false", "test=false", "print_config=false",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.log_dir = str(out.parent)
+        cfg.paths.cache_dir = str(ROOT / ".cache" / "lmlab")
+    return cfg
+
+
+class _Clock(L.Callback):
+    """End of the first training step and of the last one."""
+
+    def __init__(self):
+        self.first = self.last = 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.last = time.perf_counter()
+        if batch_idx == 0:
+            self.first = self.last
+
+
+def rows(size: Size) -> list[Row]:
+    steps = size.steps + 1  # the first step (iterator start, warm-up) is not timed
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_run(size, Path(tmp) / "run", steps)
+        L.seed_everything(0, verbose=False)
+        parts = build_parts(cfg)
+        task, dm = parts.task, parts.datamodule
+        backbone = task.backbone
+        optimizer = task.optimizer_factory(split_weight_decay(task, task.weight_decay))
+        scheduler = task.scheduler_factory(optimizer, total_steps=cfg.trainer.max_steps)
+        clip = cfg.trainer.gradient_clip_val
+
+        def raw_step(batch):
+            logits = backbone(batch["input_ids"])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
+                                   ignore_index=IGNORE_INDEX)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(backbone.parameters(), clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def raw_loop(batches) -> float:
+            it = iter(batches)
+            raw_step(next(it))
+            start = time.perf_counter()
+            for batch in itertools.islice(it, size.steps):
+                raw_step(batch)
+            return time.perf_counter() - start
+
+        def lightning() -> float:
+            clock = _Clock()
+            # Everything of the default callbacks but the console progress bar.
+            callbacks = [c for c in build_list(cfg.callbacks, "callbacks")
+                         if not isinstance(c, ProgressBar)] + [clock]
+            trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks,
+                                          logger=build_list(cfg.logger, "logger") or False)
+            trainer.fit(task, datamodule=dm)
+            return clock.last - clock.first
+
+        resident = list(itertools.islice(dm.train_dataloader(), steps))
+        measured: dict[str, list[float]] = {}
+
+        def timed(name, fn):
+            return lambda: measured.setdefault(name, []).append(fn())
+
+        interleaved({"lightning": timed("lightning", lightning),
+                     "raw": timed("raw", lambda: raw_loop(dm.train_dataloader())),
+                     "resident": timed("resident", lambda: raw_loop(resident))},
+                    size.repeats)
+    # interleaved() times whole calls (with set-up); the medians of the in-loop times are
+    # what compares the loops.
+    median = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in measured.items()}
+    per_step = {k: v / size.steps for k, v in median.items()}
+    return [
+        time_row("lightning_vs_raw: lmlab run vs raw PyTorch loop", "s/step, fp32, same module "
+                 "and batches (goal: ≥ 0.97x the raw loop's speed)",
+                 per_step["lightning"], per_step["raw"], LIGHTNING_GOAL),
+        time_row("data_pipeline: real loader vs resident tensors", "s/step, fp32 raw step",
+                 per_step["raw"], per_step["resident"], DATA_GOAL),
+    ]

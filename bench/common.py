@@ -1,0 +1,112 @@
+"""What every benchmark shares: the sizes, interleaved timing, result rows and the table.
+
+Every comparison runs both sides in one process, alternating them repeat by repeat in a
+rotating order (so drift, thermal state and other jobs on the machine hit both alike), and
+reports the median of each side. Ratios are lmlab / reference for rates (> 1 = lmlab faster)
+and reference-relative time where the goal is about overhead (said in the row).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Size:
+    """Model and batch dimensions of one bench size."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    vocab: int
+    batch: int
+    seq_len: int
+    repeats: int
+    steps: int  # training steps per timed repeat
+    gen_prompt: int
+    gen_new: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+
+# The issue's CPU dimensions; `--quick` only checks that everything runs.
+FULL = Size(n_layers=6, d_model=384, n_heads=6, n_kv_heads=2, d_ff=1024, vocab=8192, batch=8,
+            seq_len=256, repeats=5, steps=2, gen_prompt=32, gen_new=64)
+QUICK = Size(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab=512, batch=2,
+             seq_len=32, repeats=2, steps=1, gen_prompt=8, gen_new=8)
+
+
+@dataclass
+class Row:
+    """One comparison of the results table."""
+
+    bench: str
+    what: str
+    lmlab: float
+    reference: float
+    unit: str  # "tok/s": ratio = lmlab / reference; "s": ratio = lmlab time / reference time
+    goal: str
+    met: bool | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.lmlab / self.reference if self.reference else float("nan")
+
+
+def rate_row(bench: str, what: str, lmlab: float, reference: float, goal: float,
+             notes: list[str] | None = None) -> Row:
+    """Rates (higher is better): met when lmlab / reference >= goal."""
+    return Row(bench, what, lmlab, reference, "tok/s", f">= {goal:.2f}x",
+               lmlab / reference >= goal if reference else None, notes or [])
+
+
+def time_row(bench: str, what: str, lmlab: float, reference: float, goal: float,
+             notes: list[str] | None = None) -> Row:
+    """Times (lower is better): met when lmlab / reference <= goal."""
+    return Row(bench, what, lmlab, reference, "s", f"<= {goal:.2f}x",
+               lmlab / reference <= goal if reference else None, notes or [])
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int,
+                warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each variant over `repeats` interleaved calls, after `warmup`
+    untimed calls each (compilation, allocator, caches)."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy as lmlab's clm task computes it (fp32 logits)."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| bench | comparison | lmlab | reference | ratio | goal | met |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = (lambda v: f"{v:,.0f} tok/s") if r.unit == "tok/s" else (lambda v: f"{v:.4f} s")
+        met = "—" if r.met is None else ("yes" if r.met else "no")
+        what = r.what + (f" ({'; '.join(r.notes)})" if r.notes else "")
+        lines.append(f"| {r.bench} | {what} | {fmt(r.lmlab)} | {fmt(r.reference)} | "
+                     f"{r.ratio:.2f}x | {r.goal} | {met} |")
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""`make bench`: every comparison of issue 8 as one markdown table of ratios.
+
+    python -m bench.run                     # CPU dimensions (6 layers, d_model 384, ...), writes bench/results.md
+    python -m bench.run --quick             # tiny sizes, a check that everything runs (CI)
+    python -m bench.run --only train generate
+
+Each comparison is measured side by side in this one process (interleaved repeats, median;
+see bench/common.py). Numbers depend on the machine and on what else runs on it: the header
+of the table says where it was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/run.py` as well as `python -m bench.run`
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.common import FULL, QUICK, Row, Size, markdown, time_row  # noqa: E402
+
+
+def _train(size: Size, quick: bool) -> list[Row]:
+    from bench.bench_llama import train_rows
+
+    return train_rows(size, compiled=not quick)
+
+
+def _generate(size: Size, quick: bool) -> list[Row]:
+    from bench.bench_llama import generate_rows
+
+    return generate_rows(size)
+
+
+def _loops(size: Size, quick: bool) -> list[Row]:
+    from bench.bench_loops import rows
+
+    return rows(size)
+
+
+def _encoders(size: Size, quick: bool) -> list[Row]:
+    from bench.bench_encoders import rows
+
+    return rows(size)
+
+
+def _tokenizers(size: Size, quick: bool) -> list[Row]:
+    """bench_tokenizers.py's comparison (pipeline / raw library call, wall time)."""
+    import tempfile
+
+    from bench import bench_tokenizers as bt
+
+    corpus = bt.CORPUS.read_text(encoding="utf-8")
+    text = corpus[: 128 * 1024] if quick else corpus
+    kinds = ["bpe", "byte"] if quick else [k for k in bt.TOKENIZER_KINDS if k != "hf"]
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for kind in kinds:
+            tokenizer = bt.build(kind, corpus[: 100_000 if quick else bt.TRAIN_CHARS], cache)
+            r = bt.bench(kind, tokenizer, text, 2 if quick else 5)
+            rows.append(time_row("tokenizers: lmlab pipeline vs the library", f"{kind}, "
+                                 f"{len(text.encode()) / 2**20:.2f} MiB", r["pipeline"], r["raw"],
+                                 1.1, [] if r["exact"] else ["ids differ at chunk cuts"]))
+    return rows
+
+
+BENCHES: dict[str, Callable[[Size, bool], list[Row]]] = {
+    "train": _train,          # 1. gqa vs LlamaForCausalLM, fp32/bf16, eager/compiled
+    "loops": _loops,          # 2. Lightning vs raw loop, 4. data pipeline vs resident
+    "generate": _generate,    # 3. KV-cache greedy vs HF generate
+    "tokenizers": _tokenizers,  # 5. pipeline vs library
+    "encoders": _encoders,    # 6. bert, t5 vs HF
+}
+
+
+def header(size: Size, quick: bool) -> str:
+    return (f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on "
+            f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs, "
+            f"{torch.get_num_threads()} torch threads), torch {torch.__version__}; "
+            f"{'quick sizes' if quick else 'CPU dimensions'}: {size.n_layers} layers, d_model "
+            f"{size.d_model}, {size.n_heads} heads ({size.n_kv_heads} KV), FFN {size.d_ff}, vocab "
+            f"{size.vocab}, batch {size.batch}x{size.seq_len}; median of {size.repeats} "
+            f"interleaved repeats of {size.steps} step(s). Ratio = lmlab / reference.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI: checks it runs)")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="markdown file to write (default: bench/results.md, none with --quick)")
+    args = parser.parse_args(argv)
+    size = QUICK if args.quick else FULL
+    out = args.out or (None if args.quick else ROOT / "bench" / "results.md")
+    rows: list[Row] = []
+    started = time.perf_counter()
+    for name in args.only or list(BENCHES):
+        t0 = time.perf_counter()
+        rows += BENCHES[name](size, args.quick)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+    text = (f"{header(size, args.quick)} Total {time.perf_counter() - started:.0f} s.\n\n"
+            f"{markdown(rows)}\n")
+    print(text)
+    if out is not None:
+        out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
