@@ -55,6 +55,12 @@ CASES = [
     (["peft.method=prefix-xl"], "peft.method"),
     (["peft=frozen"], "peft"),  # clm has no head: nothing would train
     (["peft=ia3", "peft.feedforward_modules=[up_proj]"], "peft.feedforward_modules"),
+    (["peft=prefix", "model=mamba"], "peft.method"),  # no attention layer to put prefixes in
+    (["peft=prefix", "peft.n_virtual_tokens=0"], "peft.n_virtual_tokens"),
+    (["peft=prefix", "peft.hidden_size=64"], "peft.hidden_size"),  # only with reparameterize
+    (["peft=prompt", "peft.n_virtual_tokens=250"], "peft.n_virtual_tokens"),  # + data > max_seq_len
+    (["peft=prompt", "peft.init=text"], "peft.init_text"),
+    (["peft=prompt", "peft.init=zeros"], "peft.init"),
     # data
     (["data.tasks=[multiply]"], "data.tasks"),
     (["data.tasks=[]"], "data.tasks"),
