@@ -38,6 +38,7 @@ CASES = [
     (["model=bert", "task=mlm", "data=text", "tokenizer=char", "model.norm_position=middle"], "model.norm_position"),
     (["model=t5", "task=seq2seq", "model.relative_buckets=0"], "model.relative_buckets"),
     (["model.hf_path=/nonexistent/model"], "model.hf_path"),
+    (["model.activation_checkpointing=sometimes"], "model.activation_checkpointing"),
     (["model.position=learned", "data=text", "tokenizer=char", "data.seq_len=128", "model.max_seq_len=64"], "data.seq_len"),
     # tasks vs families vs data
     (["task.name=translate"], "task.name"),

@@ -69,6 +69,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     attn_impl: str = "sdpa"
     init_std: float = 0.02
+    # Recompute each layer's activations in backward instead of keeping them (training only).
+    activation_checkpointing: bool = False
     # Mixture of experts, Mamba / hybrid mixers, attention and RoPE variants (issue 3, A2).
     expert_ffn: str = "gelu"
     n_experts: int = 8
@@ -184,7 +186,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise ConfigError(f"model.{name}", value, "a number > 0", "must be positive")
-        for name in ("bias", "tie_embeddings"):
+        for name in ("bias", "tie_embeddings", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name}", getattr(self, name), [True, False],
                                   "must be a boolean")

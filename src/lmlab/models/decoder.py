@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmlab.models.backbone import Backbone, init_weights
 from lmlab.models.cache import KVCache, LayerKVCache, LayerSSMCache
@@ -155,9 +156,13 @@ class DecoderLM(Backbone, PositionScheme):
                                          device=input_ids.device, window_mask=window)
         token_mask = attention_mask[:, past:] if attention_mask is not None else None
 
-        for i, layer in enumerate(self.layers):
-            h = layer(h, attn_mask, rotary, cache.layers[i] if cache is not None else None,
-                      token_mask)
+        if self.config.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled():
+            for layer in self.layers:  # non-reentrant: see TransformerStack.forward
+                h = checkpoint(layer, h, attn_mask, rotary, None, token_mask, use_reentrant=False)
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, attn_mask, rotary, cache.layers[i] if cache is not None else None,
+                          token_mask)
         if cache is not None:
             cache.advance(T)
         if take_input_positions is not None:

@@ -92,6 +92,12 @@ class HFBackbone(nn.Module):
         self.id_offset = id_offset
         # from_pretrained returns eval mode; a fresh lmlab module trains (dropout on) until .eval().
         self.hf = _load_causal_lm(directory, config).train()
+        if getattr(config, "activation_checkpointing", False):  # HF's own; active in train mode only
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.hf, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+                self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         # Heads built on top (classify's pooling head) read the width from the config.
         config.d_model = self.hf.get_input_embeddings().embedding_dim
         self._takes_positions = "position_ids" in inspect.signature(self.hf.forward).parameters

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmlab.models.cache import KVCache
 from lmlab.models.config import ModelConfig
@@ -83,14 +84,23 @@ class TransformerStack(PositionScheme):
         cross_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
         token_mask = attention_mask[:, past:] if attention_mask is not None else None
 
-        for i, layer in enumerate(self.layers):
-            h = layer(
-                h, attn_mask, rotary,
-                kv_cache=cache.layers[i] if cache is not None else None,
-                memory_kv=memory_kv[i] if memory_kv is not None else None,
-                memory_mask=cross_mask,
-                token_mask=token_mask,
-            )
+        if self.config.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled():
+            # Recompute each layer in backward. Non-reentrant: MoE auxiliary losses (computed
+            # inside a layer, not returned) still get gradients; dropout masks are replayed
+            # from the saved RNG state, so gradients equal the plain path's.
+            for i, layer in enumerate(self.layers):
+                h = checkpoint(layer, h, attn_mask, rotary, None,
+                               memory_kv[i] if memory_kv is not None else None, cross_mask, token_mask,
+                               use_reentrant=False)
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(
+                    h, attn_mask, rotary,
+                    kv_cache=cache.layers[i] if cache is not None else None,
+                    memory_kv=memory_kv[i] if memory_kv is not None else None,
+                    memory_mask=cross_mask,
+                    token_mask=token_mask,
+                )
         if cache is not None:
             cache.advance(T)
         return h if self.post_norm else self.norm(h)
