@@ -54,8 +54,8 @@ class SweepNameCallback(Callback):
 
 
 def _sweeps(override: str) -> bool:
-    value = override.partition("=")[2]
-    return "," in value or value.startswith(("range(", "choice(", "interval(", "glob("))
+    key, _, value = override.partition("=")
+    return key == "hparams_search" or "," in value or value.startswith(("range(", "choice(", "interval(", "glob("))
 
 
 def _sweep_name_resolver() -> str:
