@@ -11,7 +11,7 @@ from lmlab.train import run
 from tests.conftest import CONF_DIR, ROOT
 
 GROUPS = ["model", "tokenizer", "data", "task", "peft", "optimizer", "scheduler", "trainer", "logger",
-          "callbacks", "experiment", "debug"]
+          "callbacks", "experiment", "debug", "compress"]
 
 
 def options(group: str) -> list[str]:
@@ -60,6 +60,8 @@ def _overrides_for(group: str, option: str) -> list[str]:
         ("tokenizer", "bpe"): ["tokenizer.vocab_size=200"],
         ("scheduler", "noam"): ["optimizer.lr=1.0"],
         ("debug", "overfit"): ["trainer.max_steps=4", "trainer.val_check_interval=2"],
+        ("compress", "prune"): ["compress.finetune_steps=2"],
+        ("compress", "quantize"): ["compress.latency_repeats=1"],
     }.get((group, option), [])
     return [f"{group}={option}", *extra]
 
@@ -71,6 +73,8 @@ def test_option_trains(group, option, make_cfg, request):
     if (group, option) == ("model", "hf"):
         hf_dir = request.getfixturevalue("tiny_hf_dir")
         overrides += [f"model.hf_path={hf_dir}", "tokenizer=hf", f"tokenizer.path={hf_dir}"]
+    if (group, option) == ("task", "distill"):
+        overrides.append(f"teacher={request.getfixturevalue('teacher_ckpt')}")
     cfg = make_cfg(overrides)
     record = run(cfg)
     assert record["status"] == "completed"

@@ -56,6 +56,22 @@ CASES = [
     (["peft.method=prefix-xl"], "peft.method"),
     (["peft=frozen"], "peft"),  # clm has no head: nothing would train
     (["peft=ia3", "peft.feedforward_modules=[up_proj]"], "peft.feedforward_modules"),
+    # compression and distillation ({teacher}: a decoder checkpoint, the `teacher_ckpt` fixture)
+    (["compress.method=zip"], "compress.method"),
+    (["compress=prune", "compress.sparsity=1.0"], "compress.sparsity"),
+    (["compress=prune", "compress.sparsity=-0.5"], "compress.sparsity"),
+    (["compress=prune", "compress.scope=row"], "compress.scope"),
+    (["compress=prune", "compress.kind=structured", "compress.heads=4"], "compress.heads"),  # all 4 heads
+    (["compress=prune", "compress.kind=structured", "model=gqa", "compress.heads=1"], "compress.heads"),
+    (["compress=prune", "compress.schedule=gradual", "compress.end_step=100"], "compress.end_step"),
+    (["compress=prune", "compress.finetune_steps=2", "peft=lora"], "compress.finetune_steps"),
+    (["compress=quantize", "compress.dtype=fp8"], "compress.dtype"),
+    (["compress=quantize", "+compress.bits=4"], "compress.bits"),
+    (["task=distill"], "teacher"),
+    (["task=distill", "teacher=/nonexistent/teacher.ckpt"], "teacher"),
+    (["teacher={teacher}"], "teacher"),  # task=clm has no teacher
+    (["task=distill", "teacher={teacher}", "model=transformer"], "teacher"),  # another family
+    (["task=distill", "teacher={teacher}", "task.alpha=2"], "task.alpha"),
     (["peft=prefix", "model=mamba"], "peft.method"),  # no attention layer to put prefixes in
     (["peft=prefix", "peft.n_virtual_tokens=0"], "peft.n_virtual_tokens"),
     (["peft=prefix", "peft.hidden_size=64"], "peft.hidden_size"),  # only with reparameterize
@@ -114,7 +130,10 @@ def test_there_are_at_least_fifty_cases():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides,field", CASES, ids=[" ".join(o) for o, _ in CASES])
-def test_mistake_is_named_before_compute(make_cfg, overrides, field):
+def test_mistake_is_named_before_compute(make_cfg, overrides, field, request):
+    if any("{teacher}" in o for o in overrides):
+        teacher = str(request.getfixturevalue("teacher_ckpt"))
+        overrides = [o.replace("{teacher}", teacher) for o in overrides]
     cfg = make_cfg(overrides)
     with pytest.raises((ConfigError, DataError)) as info:
         run(cfg)
