@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab.assemble import build_parts
 from lmlab.callbacks.checkpointing import LAST_NAME, PREVIOUS_NAME
+from lmlab.callbacks.memory import memory_of
 from lmlab.callbacks.throughput import run_throughput
 from lmlab.checkpoint import load_resume_source
 from lmlab.compress import build_compression, check_compression, compress_after_training
@@ -194,6 +195,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             status=_status_of(err),
             error=f"{type(err).__name__}: {err}",
             throughput=run_throughput(trainer),
+            memory=memory_of(trainer),
             wall_time_s=time.time() - started,
             tokens_seen=int(parts.task.tokens_seen),
             step=trainer.global_step,
@@ -212,6 +214,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     record.update(
         status="completed",
         throughput=throughput,
+        memory=memory_of(trainer),  # parameter, gradient, optimizer-state bytes (MemoryMonitor)
         metrics=metrics,
         tokens_seen=int(parts.task.tokens_seen),
         step=trainer.global_step,

@@ -1,7 +1,8 @@
-"""Callbacks Lightning lacks: crash-safe checkpoints, non-finite guard, throughput."""
+"""Callbacks Lightning lacks: crash-safe checkpoints, non-finite guard, throughput, memory."""
 
 from lmlab.callbacks.checkpointing import AtomicModelCheckpoint, NonFiniteError, ResumeCheckpoint
+from lmlab.callbacks.memory import MemoryMonitor
 from lmlab.callbacks.nonfinite import NonFiniteGuard
 from lmlab.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["AtomicModelCheckpoint", "NonFiniteError", "NonFiniteGuard", "ResumeCheckpoint", "ThroughputMonitor"]
+__all__ = ["AtomicModelCheckpoint", "MemoryMonitor", "NonFiniteError", "NonFiniteGuard", "ResumeCheckpoint", "ThroughputMonitor"]

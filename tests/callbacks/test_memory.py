@@ -1,0 +1,80 @@
+"""Memory numbers in the run record: parameter, gradient and optimizer-state bytes."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+
+from lmlab.callbacks.memory import optimizer_state_bytes, parameter_bytes
+from lmlab.train import run
+
+
+def _stepped(optimizer_cls, module, **kw):
+    opt = optimizer_cls(module.parameters(), **kw)
+    module(torch.randn(2, module.in_features)).sum().backward()
+    opt.step()
+    return opt
+
+
+def test_adamw_state_is_two_fp32_moments_and_a_step_counter_per_tensor():
+    layer = nn.Linear(64, 32)
+    opt = _stepped(torch.optim.AdamW, layer)
+    assert parameter_bytes(layer.parameters()) == (64 * 32 + 32) * 4
+    assert optimizer_state_bytes(opt) == 2 * (64 * 32 + 32) * 4 + 2 * 4  # step: a float32 scalar each
+
+
+def test_adamw8bit_state_is_bytes_plus_quantisation_maps_and_block_maxima():
+    layer = nn.Linear(256, 64, bias=False)  # 16,384 weights: quantised (>= min_8bit_size)
+    opt = _stepped(bnb.optim.AdamW8bit, layer)
+    n = 256 * 64
+    # two uint8 moments, two 256-entry fp32 code maps, one fp32 max per 256-element block each
+    assert optimizer_state_bytes(opt) == 2 * n + 2 * 256 * 4 + 2 * (n // 256) * 4
+    assert optimizer_state_bytes(opt) * 3.5 < optimizer_state_bytes(_stepped(torch.optim.AdamW, layer))
+
+
+def test_adafactor_state_is_factored():
+    layer = nn.Linear(256, 64, bias=False)
+    opt = _stepped(torch.optim.Adafactor, layer)
+    assert optimizer_state_bytes(opt) == (64 + 256) * 4 + 4  # row and column factors + step
+
+
+# -- in the run record ------------------------------------------------------------------------------
+def _memory(make_cfg, name, *overrides):
+    record = run(make_cfg(["trainer.max_steps=2", "trainer.val_check_interval=2", *overrides], name=name))
+    assert record["status"] == "completed"
+    return record
+
+
+@pytest.mark.slow
+def test_record_has_memory_of_full_lora_and_8bit_runs(make_cfg):
+    wide = ["model.d_model=128", "model.n_layers=1"]  # matrices well above min_8bit_size
+    full = _memory(make_cfg, "full", *wide)
+    mem, params = full["memory"], full["params"]
+    assert mem["param_bytes"] == 4 * params["total"] and mem["trainable_param_bytes"] == 4 * params["trainable"]
+    assert mem["grad_bytes"] == mem["trainable_param_bytes"]
+    counters = mem["optimizer_state_bytes"] - 2 * mem["trainable_param_bytes"]
+    assert 0 < counters < 4 * 100 and counters % 4 == 0  # one float32 step per parameter tensor
+
+    lora = _memory(make_cfg, "lora", *wide, "peft=lora")["memory"]
+    assert lora["param_bytes"] > mem["param_bytes"]  # the adapters are added
+    assert lora["grad_bytes"] == lora["trainable_param_bytes"]
+    assert lora["optimizer_state_bytes"] * 10 < mem["optimizer_state_bytes"]
+
+    eight_bit = _memory(make_cfg, "adamw8bit", *wide, "optimizer=adamw8bit")["memory"]
+    assert eight_bit["param_bytes"] == mem["param_bytes"]
+    assert 3.0 < mem["optimizer_state_bytes"] / eight_bit["optimizer_state_bytes"] < 4.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt", "moe"])
+def test_activation_checkpointing_trains_identically(make_cfg, model):
+    """Same losses and the same parameter/gradient/state bytes: only activations are traded."""
+    common = [f"model={model}", "model.dropout=0.1", "trainer.max_steps=3", "trainer.val_check_interval=3"]
+    plain = run(make_cfg(common, name="plain"))
+    checkpointed = run(make_cfg([*common, "model.activation_checkpointing=true"], name="checkpointed"))
+    assert checkpointed["model_config"]["activation_checkpointing"] is True
+    for key in ("train/loss", "val/loss", "test/loss"):
+        assert checkpointed["metrics"][key] == plain["metrics"][key], key
+    assert checkpointed["memory"] == plain["memory"]
