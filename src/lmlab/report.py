@@ -1,7 +1,8 @@
 """`lmlab report <dir>`: a run or a sweep as one table (markdown + CSV) and plots (PNG).
 
 Rows are runs (every `metrics.json` below the directory); columns are the overrides that vary
-across them, the run's status, its final metrics, parameter counts, throughput and wall time.
+across them, the run's status, its final metrics, parameter counts, memory (bytes of parameters,
+gradients, optimizer state), throughput and wall time.
 Failed and unfinished runs stay in the table, marked by their status, so a sweep's holes show.
 """
 
@@ -18,6 +19,7 @@ from lmlab.record import RECORD_FILE
 from lmlab.report_plots import plot_loss_curves, plot_metric_vs_setting
 
 TOKENIZER_COLUMNS = ("vocab_size", "fertility", "tokens_per_char", "bytes_per_token", "unk_rate", "roundtrip_rate")
+MEMORY_COLUMNS = ("param_bytes", "grad_bytes", "optimizer_state_bytes", "cuda_peak_allocated_bytes")
 DEFAULT_METRICS = ("val/loss", "val/ppl", "val/acc", "test/loss", "test/ppl", "test/acc", "test/bleu", "test/f1")
 
 
@@ -62,7 +64,10 @@ def build_table(records: list[tuple[Path, dict[str, Any]]], root: Path, metrics:
     tok_cols = []
     if any(k.startswith("tokenizer") for k in varying):
         tok_cols = [f"tokenizer/{k}" for k in TOKENIZER_COLUMNS if any(k in r.get("tokenizer", {}) for _, r in records)]
-    columns = ["run", "status", *varying, *wanted, *tok_cols, "params", "trainable", "tokens_per_sec", "wall_time_s"]
+    # What training state weighs (see lmlab.callbacks.memory), in runs that measured it.
+    mem_cols = [c for c in MEMORY_COLUMNS if any(c in (r.get("memory") or {}) for _, r in records)]
+    columns = ["run", "status", *varying, *wanted, *tok_cols, "params", "trainable", *mem_cols, "tokens_per_sec",
+               "wall_time_s"]
     rows = []
     for (run_dir, rec), ovr in zip(records, overrides):
         m = rec.get("metrics", {})
@@ -71,6 +76,7 @@ def build_table(records: list[tuple[Path, dict[str, Any]]], root: Path, metrics:
         row.update({k: m.get(k, "") for k in wanted})
         row["params"] = rec.get("params", {}).get("total", "")
         row["trainable"] = rec.get("params", {}).get("trainable", "")
+        row.update({k: (rec.get("memory") or {}).get(k, "") for k in mem_cols})
         row["tokens_per_sec"] = m.get("throughput/tokens_per_sec", "")
         row.update({f"tokenizer/{k}": v for k, v in rec.get("tokenizer", {}).items() if f"tokenizer/{k}" in tok_cols})
         row["wall_time_s"] = rec.get("wall_time_s", "")

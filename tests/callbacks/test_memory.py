@@ -78,3 +78,22 @@ def test_activation_checkpointing_trains_identically(make_cfg, model):
     for key in ("train/loss", "val/loss", "test/loss"):
         assert checkpointed["metrics"][key] == plain["metrics"][key], key
     assert checkpointed["memory"] == plain["memory"]
+
+
+def test_report_shows_memory_columns(tmp_path):
+    import json
+
+    from lmlab.report import build_table, find_records
+
+    for num, (optimizer, state) in enumerate((("adamw", 800), ("adamw8bit", 220))):
+        job = tmp_path / str(num)
+        job.mkdir()
+        memory = {"param_bytes": 400, "trainable_param_bytes": 400, "grad_bytes": 400, "optimizer_state_bytes": state}
+        (job / "metrics.json").write_text(json.dumps({
+            "status": "completed", "overrides": [f"optimizer={optimizer}"], "memory": memory}))
+    (tmp_path / "2").mkdir()  # a run from before memory was recorded
+    (tmp_path / "2" / "metrics.json").write_text(json.dumps({"status": "failed", "overrides": ["optimizer=sgd"]}))
+    columns, rows, _, _ = build_table(find_records(tmp_path), tmp_path)
+    assert {"param_bytes", "grad_bytes", "optimizer_state_bytes"} <= set(columns)
+    assert "cuda_peak_allocated_bytes" not in columns  # no run measured it
+    assert [r["optimizer_state_bytes"] for r in rows] == [800, 220, ""]
