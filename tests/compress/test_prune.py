@@ -131,6 +131,24 @@ def test_gradual_pruning_during_training_holds_its_masks(synthetic, tmp_path):
     assert not any(k.endswith(("_orig", "_mask")) for k in ckpt["state_dict"])
 
 
+def test_default_schedule_reaches_the_target_on_the_last_step(synthetic):
+    backbone = tiny(vocab_size=synthetic.tokenizer.vocab_size).train()
+    task = CausalLMTask(backbone, synthetic.tokenizer, functools.partial(torch.optim.AdamW, lr=1e-2))
+    reached: list[int] = []
+
+    class Watch(L.Callback):  # runs after GradualPruning's batch-start hook, before the step
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            reached.append(_zeros(compressible_linears(pl_module.backbone)))
+
+    trainer = L.Trainer(max_steps=5, callbacks=[GradualPruning(0.5, "layer", 0, None, 2), Watch()], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, accelerator="cpu", devices=1)
+    trainer.fit(task, datamodule=synthetic)
+    layers = compressible_linears(backbone)
+    assert reached[-1] == sum(round(0.5 * m.weight.numel()) for m in layers.values())  # step 4 trains pruned
+    assert reached == sorted(reached)
+
+
 def test_config_mistakes_are_config_errors():
     for cfg, field in [
         ({"method": "prune", "sparsity": 1.0}, "compress.sparsity"),

@@ -52,7 +52,12 @@ class GradualPruning(Callback):
         self._saved_masks: dict[str, Any] = {}
 
     def _end(self, trainer: L.Trainer) -> int:
-        return self.end_step if self.end_step is not None else max(trainer.max_steps, self.start_step + 1)
+        """The step whose forward first sees the target sparsity: `end_step`, but at the latest
+        the run's last step, so the final weights (and the last checkpoint) are at the target."""
+        end = self.end_step if self.end_step is not None else trainer.max_steps
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            end = min(end, trainer.max_steps - 1)
+        return max(end, self.start_step)
 
     def _layers(self, pl_module: L.LightningModule):
         return compressible_linears(pl_module.backbone, self.include_lm_head)
