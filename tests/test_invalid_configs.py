@@ -72,6 +72,15 @@ CASES = [
     (["teacher={teacher}"], "teacher"),  # task=clm has no teacher
     (["task=distill", "teacher={teacher}", "model=transformer"], "teacher"),  # another family
     (["task=distill", "teacher={teacher}", "task.alpha=2"], "task.alpha"),
+    (["peft=qlora", "peft.quant_type=int4"], "peft.quant_type"),
+    (["peft=qlora", "peft.compute_dtype=float8"], "peft.compute_dtype"),
+    (["peft=qlora", "peft.target_modules=[lm_head]"], "peft.target_modules"),  # stays full precision
+    (["peft=qlora", "peft.target_modules=[attn]"], "peft.target_modules"),  # a module, not a Linear
+    (["peft=qlora", "peft.target_modules=[all,q_proj]"], "peft.target_modules"),
+    (["peft=adapter", "peft.placement=middle"], "peft.placement"),
+    (["peft=adapter", "peft.bottleneck=0"], "peft.bottleneck"),
+    (["peft=adapter", "peft.activation=swish7"], "peft.activation"),
+    (["peft_from=/nonexistent/adapter"], "peft_from"),
     (["peft=prefix", "model=mamba"], "peft.method"),  # no attention layer to put prefixes in
     (["peft=prefix", "peft.n_virtual_tokens=0"], "peft.n_virtual_tokens"),
     (["peft=prefix", "peft.hidden_size=64"], "peft.hidden_size"),  # only with reparameterize
