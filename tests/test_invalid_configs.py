@@ -74,6 +74,7 @@ CASES = [
     (["task=distill", "teacher={teacher}", "task.alpha=2"], "task.alpha"),
     (["peft=qlora", "peft.quant_type=int4"], "peft.quant_type"),
     (["peft=qlora", "peft.compute_dtype=float8"], "peft.compute_dtype"),
+    (["peft=qlora", "peft.compute_dtype=float16"], "peft.compute_dtype"),  # CPU-only machine
     (["peft=qlora", "peft.target_modules=[lm_head]"], "peft.target_modules"),  # stays full precision
     (["peft=qlora", "peft.target_modules=[attn]"], "peft.target_modules"),  # a module, not a Linear
     (["peft=qlora", "peft.target_modules=[all,q_proj]"], "peft.target_modules"),

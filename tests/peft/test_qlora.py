@@ -155,6 +155,7 @@ def test_every_family_quantizes_its_blocks_only(family_kw):
     strategy.apply(model)
     quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(".layers." in f".{n}" for n in quantized)
+    assert not any(n.endswith("router") for n in quantized)
     after = _call(model, x, family)
     assert torch.isfinite(after).all() and after.shape == before.shape
     assert (after - before).abs().max() < 0.2 * before.abs().max()
@@ -170,3 +171,15 @@ def test_invalid_fields_and_targets():
     assert info.value.field == "peft.target_modules" and "full precision" in str(info.value)
     with pytest.raises(ConfigError, match="peft.target_modules"):
         _qlora(target_modules=["attn"]).apply(_backbone())  # a module, not a Linear
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["qlora", "adapter"])
+def test_model_hf_is_refused_before_compute(method, make_cfg, tiny_hf_dir):
+    from lmlab.assemble import build_parts
+
+    cfg = make_cfg(["model=hf", f"model.hf_path={tiny_hf_dir}", "tokenizer=hf",
+                    f"tokenizer.path={tiny_hf_dir}", f"peft={method}"])
+    with pytest.raises(ConfigError) as info:
+        build_parts(cfg)
+    assert info.value.field == "peft" and "model=hf" in str(info.value) and method in str(info.value)

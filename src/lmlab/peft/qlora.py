@@ -1,6 +1,7 @@
 """`peft=qlora`: the frozen base's block Linears become bitsandbytes 4-bit, LoRA trains on top.
 
-QLoRA (Dettmers et al., 2023): every Linear inside the transformer/Mamba blocks is replaced by a
+QLoRA (Dettmers et al., 2023): every Linear inside the transformer/Mamba blocks (MoE routers
+excepted) is replaced by a
 `bitsandbytes` `Linear4bit` (NF4 or FP4 blocks of 64, optionally with double quantisation of
 the block scales); embeddings, `lm_head`, BERT's MLM transform and task heads stay in full
 precision, as in the paper's recipe. `peft`'s 4-bit LoRA layer then wraps the targeted
@@ -71,9 +72,11 @@ def quantize_linear(linear: nn.Linear, quant_type: str, double_quant: bool,
 
 def block_linears(backbone: nn.Module) -> list[str]:
     """Names of the Linears inside the layer stacks (`layers.{i}.…`): the frozen base that is
-    quantized. Embeddings, lm_head and heads outside the stacks are left alone."""
+    quantized. Embeddings, lm_head and heads outside the stacks are left alone, and so are MoE
+    routers (tiny, and routing decisions are what 4-bit noise would flip; compress=quantize
+    skips them too)."""
     return [name for name, m in backbone.named_modules()
-            if isinstance(m, nn.Linear) and "layers" in name.split(".")]
+            if isinstance(m, nn.Linear) and "layers" in name.split(".") and not name.endswith("router")]
 
 
 def dequantized_linear(layer: bnb.nn.Linear4bit) -> nn.Linear:
@@ -124,6 +127,10 @@ class QLoRA(LoRA):
                 "peft=qlora quantizes lmlab's own backbones; with model=hf use peft=lora (load "
                 "the HF model in 4 bit with transformers' BitsAndBytesConfig outside lmlab)",
             )
+        if self.compute_dtype == "float16" and not torch.cuda.is_available():
+            # Measured: bitsandbytes' CPU float16 path gives non-finite gradients at the first step.
+            raise ConfigError("peft.compute_dtype", self.compute_dtype, ["float32", "bfloat16"],
+                              "float16 4-bit matmuls need a GPU; on CPU use bfloat16 or float32")
         quantized = {name.rsplit(".", 1)[-1] for name in block_linears(backbone)}
         if self.target_modules == [ALL]:
             return
