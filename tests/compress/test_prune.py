@@ -82,6 +82,33 @@ def test_state_dict_with_masks_loads_into_a_plain_backbone():
     torch.testing.assert_close(plain(x), pruned(x))
 
 
+def test_callback_state_restores_the_masks_on_a_plain_backbone():
+    """What a resumed gradual run does: plain weights from the checkpoint, masks from the
+    callback's state, re-attached when training starts."""
+    pruned = tiny()
+    callback = GradualPruning(0.5, "global", 0, 10, 2)
+
+    class Module(torch.nn.Module):  # what the callback reads: `.backbone`
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+    callback.setup(None, Module(pruned), "fit")
+    prune_to(compressible_linears(pruned), 0.5, "global")
+    state = callback.state_dict()
+    assert state["masks"] and all(m.dtype == torch.bool for m in state["masks"].values())
+    resumed = tiny(seed=1)
+    resumed.load_state_dict(plain_state_dict(pruned.state_dict()))
+    fresh = GradualPruning(0.5, "global", 0, 10, 2)
+    fresh.load_state_dict(state)
+    fresh.on_train_start(None, Module(resumed))
+    layers = compressible_linears(resumed)
+    for name, module in layers.items():
+        assert torch.equal(module.weight_mask.bool(), state["masks"][name])
+    x = torch.randint(6, 50, (2, 8))
+    torch.testing.assert_close(resumed(x), pruned(x))
+
+
 def test_cubic_schedule_matches_zhu_and_gupta():
     s_f, s_i, t0, t1 = 0.8, 0.1, 10, 110
     assert cubic_sparsity(5, s_f, s_i, t0, t1) == 0.0
