@@ -84,7 +84,7 @@ def is_hf(backbone: nn.Module) -> bool:
 class PrefixTuning(PeftStrategy):
     method = "prefix"
     can_merge = False
-    merge_refusal = ("prefix tuning adds learned keys/values to every attention layer, an extra "
+    cannot_merge_reason = ("prefix tuning adds learned keys/values to every attention layer, an extra "
                      "input rather than a weight update, so it cannot be folded into the weights")
 
     n_virtual_tokens: int = 10  # prefix length P per attention layer
@@ -110,10 +110,10 @@ class PrefixTuning(PeftStrategy):
         if not attention_slots(backbone, self.cross_attention):
             config = backbone.config
             raise ConfigError(
-                "peft.method", self.method, ["lora", "dora", "ia3", "prompt", "bitfit", "..."],
+                "peft.method", self.method,
+                "another method (prompt, lora, ...) or a model with attention layers",
                 f"model.mixer={config.mixer} has no attention layer to put key/value prefixes "
-                "in (prefix tuning needs attention; use a hybrid model.layer_pattern or "
-                "peft=prompt / lora)")
+                "in (a hybrid model.layer_pattern has some)")
 
     def apply(self, backbone: nn.Module) -> nn.Module:
         self.check(backbone)
@@ -136,4 +136,4 @@ class PrefixTuning(PeftStrategy):
         return backbone
 
     def merge(self, backbone: nn.Module) -> nn.Module:
-        raise ConfigError("peft.method", self.method, ["lora", "dora", "ia3"], self.merge_refusal)
+        raise ConfigError("peft.method", self.method, ["lora", "dora", "ia3"], self.cannot_merge_reason)

@@ -40,7 +40,7 @@ class SoftPrompt(nn.Module):
 class PromptTuning(PeftStrategy):
     method = "prompt"
     can_merge = False
-    merge_refusal = ("prompt tuning prepends learned embeddings to the input, an extra input "
+    cannot_merge_reason = ("prompt tuning prepends learned embeddings to the input, an extra input "
                      "rather than a weight update, so it cannot be folded into the weights")
 
     n_virtual_tokens: int = 10  # soft-prompt length P
@@ -116,4 +116,4 @@ class PromptTuning(PeftStrategy):
         return ids
 
     def merge(self, backbone: nn.Module) -> nn.Module:
-        raise ConfigError("peft.method", self.method, ["lora", "dora", "ia3"], self.merge_refusal)
+        raise ConfigError("peft.method", self.method, ["lora", "dora", "ia3"], self.cannot_merge_reason)
