@@ -4,17 +4,20 @@ training, checkpoints that load into a plain backbone, and a whole run."""
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lmlab import ConfigError
-from lmlab.compress import Pruning, build_compression
+from lmlab.compress import Pruning, build_compression, check_compression
 from lmlab.compress.gradual import GradualPruning, cubic_sparsity
 from lmlab.compress.targets import compressible_linears
 from lmlab.compress.unstructured import make_permanent, plain_state_dict, prune_to
 from lmlab.data import SyntheticTasksDataModule
+from lmlab.peft import build_peft_strategy
 from lmlab.tasks import CausalLMTask
 from tests.compress.conftest import tiny
 
@@ -192,6 +195,10 @@ def test_config_mistakes_are_config_errors():
         with pytest.raises(ConfigError) as info:
             build_compression(cfg)
         assert info.value.field == field
+    parts = SimpleNamespace(task=SimpleNamespace(backbone=tiny()), strategy=build_peft_strategy({"method": "none"}))
+    with pytest.raises(ConfigError, match="one device"):
+        check_compression(Pruning(), parts, OmegaConf.create({"devices": 2, "strategy": {"_target_": "ddp"}}))
+    check_compression(Pruning(), parts, OmegaConf.create({"devices": 1}))
     gradual = Pruning(schedule="gradual", end_step=100)
     with pytest.raises(ConfigError, match="trainer.max_steps=50"):
         gradual.check(tiny(), max_steps=50)

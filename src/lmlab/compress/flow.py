@@ -69,6 +69,12 @@ def check_compression(compression: Compression, parts: Any, trainer_cfg: DictCon
     """Before compute: the method fits the backbone, the schedule fits the run, and fine-tuning
     has something to train."""
     compression.check(parts.task.backbone, trainer_cfg.get("max_steps"))
+    if not isinstance(compression, NoCompression) and (trainer_cfg.get("strategy") is not None
+                                                       or trainer_cfg.get("devices", 1) not in (1, "1", "auto")):
+        raise ConfigError("compress", compression.method, ["none"],
+                          "compression runs in one process on one device; train with the multi-device trainer, "
+                          "then compress its checkpoint: init_from=<ckpt> trainer.max_steps=0 "
+                          f"compress={compression.method}")
     strategy = parts.strategy
     if compression.finetune_steps and strategy.can_merge:
         raise ConfigError("compress.finetune_steps", compression.finetune_steps, [0],
