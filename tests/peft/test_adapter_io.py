@@ -138,3 +138,20 @@ def test_qlora_merged_export_is_a_plain_dequantized_backbone(tmp_path):
     plain = build_backbone(ModelConfig(**MODEL)).eval()
     plain.load_state_dict({k[len("backbone."):]: v for k, v in exported["state_dict"].items()}, strict=True)
     torch.testing.assert_close(plain(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_without_a_trainable_list_are_exported_from_the_rebuilt_method(tmp_path):
+    """Checkpoints written before lmlab recorded what trained: the method is re-applied to ask."""
+    trained, strategy = _task("lora")
+    ckpt = _checkpoint(tmp_path, trained, strategy)
+    payload = torch.load(ckpt, weights_only=True)
+    del payload["lmlab"]["trainable"]
+    torch.save(payload, ckpt)
+    export_adapter(ckpt, tmp_path / "adapter")
+    source = read_adapter(tmp_path / "adapter")
+    assert set(source.tensors) == set(trainable_keys(trained))
+    fresh, _ = _task("lora", head_seed=7, peft=source.peft)
+    source.load_into(fresh)
+    x = torch.randint(6, 50, (2, 9))
+    for got, want in zip(fresh(x), trained(x)):
+        assert torch.equal(got, want)
