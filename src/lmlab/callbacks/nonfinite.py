@@ -8,40 +8,91 @@ import lightning as L
 import torch
 
 from lmlab.callbacks.checkpointing import NonFiniteError, last_good_checkpoint
+from lmlab.errors import ConfigError
 
 log = logging.getLogger("lmlab")
 POLICIES = ("stop", "skip")
 
 
 class NonFiniteGuard(L.Callback):
-    """Checks the gradients before each optimizer step (one host sync per step).
+    """Checks the gradients before each optimizer step.
 
     policy="stop": raise NonFiniteError naming the step and the last good checkpoint; nothing
     poisoned is saved. policy="skip": drop that step's gradients (the optimizer skips parameters
     whose grad is None) and go on; skipped steps are counted in `train/skipped_steps`.
+
+    The check is one max-abs norm per gradient (`torch._foreach_norm`, inf/NaN propagate) and
+    one host read of the result per step: the only host-device sync of a training step. With
+    policy="stop", `check_every_n_steps` > 1 keeps the flag (and the first bad step) on the
+    device and reads it every n steps and at the end of training, so a GPU never waits on it;
+    the error still names the first bad step, but training runs on up to n - 1 steps past it
+    (checkpoints still refuse non-finite weights). policy="skip" has to decide every step.
     """
 
-    def __init__(self, policy: str = "stop", checkpoint_dir: str | None = None):
+    def __init__(self, policy: str = "stop", checkpoint_dir: str | None = None,
+                 check_every_n_steps: int = 1):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
+        if not isinstance(check_every_n_steps, int) or isinstance(check_every_n_steps, bool) \
+                or check_every_n_steps < 1:
+            raise ConfigError("callbacks.nonfinite.check_every_n_steps", check_every_n_steps,
+                              "an integer >= 1")
+        if policy == "skip" and check_every_n_steps != 1:
+            raise ConfigError("callbacks.nonfinite.check_every_n_steps", check_every_n_steps, [1],
+                              "policy=skip decides at every step whether to drop it")
         self.policy = policy
         self.checkpoint_dir = checkpoint_dir
+        self.check_every_n_steps = check_every_n_steps
         self.skipped = 0
+        self._first_bad: torch.Tensor | None = None  # step of the first bad gradients, -1 = none
+
+    @staticmethod
+    def _nonfinite(grads: list[torch.Tensor]) -> torch.Tensor:
+        """A 0-d bool tensor on the gradients' device: any inf or NaN in any gradient."""
+        if len({(g.dtype, g.device) for g in grads}) == 1:
+            norms = torch.stack(torch._foreach_norm(grads, float("inf")))
+        else:
+            norms = torch.stack([torch.linalg.vector_norm(g, float("inf")).float() for g in grads])
+        return ~torch.isfinite(norms).all()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if bool(finite):
-            return
+        bad = self._nonfinite(grads)
         step = trainer.global_step
+        if self.check_every_n_steps > 1:
+            if self._first_bad is None:
+                self._first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
+            # All on the device: no host read until `_check`.
+            first = self._first_bad
+            self._first_bad = torch.where(bad & (first < 0), first.new_full((), step), first)
+            if (step + 1) % self.check_every_n_steps == 0:
+                self._check()
+            return
+        if not bool(bad):
+            return
         if self.policy == "skip":
             self.skipped += 1
             optimizer.zero_grad(set_to_none=True)
             log.warning("non-finite gradients at step %d: step skipped (%d so far)", step, self.skipped)
             pl_module.log("train/skipped_steps", float(self.skipped))
             return
+        self._stop(step)
+
+    def _check(self) -> None:
+        if self._first_bad is not None:
+            first = int(self._first_bad)
+            if first >= 0:
+                self._stop(first)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._check()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._check()
+
+    def _stop(self, step: int) -> None:
         good = last_good_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
         raise NonFiniteError(
             f"non-finite loss or gradients at step {step}; last good checkpoint: {good or 'none saved yet'} "

@@ -1,0 +1,56 @@
+"""NonFiniteGuard's check itself (end-to-end stop/skip runs: test_checkpointing.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmlab.callbacks import NonFiniteError, NonFiniteGuard
+from lmlab.errors import ConfigError
+
+
+class _Trainer:
+    def __init__(self):
+        self.global_step = 0
+
+
+def _optimizer(*grads):
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    return torch.optim.SGD(params, lr=0.1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-dtype", "mixed-dtypes"])
+def test_every_nonfinite_value_is_caught(bad, mixed):
+    poisoned = torch.tensor([1.0, bad, 3.0], dtype=torch.bfloat16 if mixed else torch.float32)
+    with pytest.raises(NonFiniteError, match="step 0"):
+        NonFiniteGuard().on_before_optimizer_step(_Trainer(), None, _optimizer(torch.ones(4, 2), poisoned))
+    NonFiniteGuard().on_before_optimizer_step(_Trainer(), None, _optimizer(torch.ones(4, 2),
+                                                                          torch.full((3,), 1e30)))
+
+
+def test_deferred_check_names_the_first_bad_step():
+    guard, trainer = NonFiniteGuard(check_every_n_steps=3), _Trainer()
+    good, bad = _optimizer(torch.ones(3)), _optimizer(torch.tensor([float("nan")]))
+    for step, opt in [(0, good), (1, bad)]:
+        trainer.global_step = step
+        guard.on_before_optimizer_step(trainer, None, opt)  # no host read, no error yet
+    trainer.global_step = 2
+    with pytest.raises(NonFiniteError, match="step 1;"):
+        guard.on_before_optimizer_step(trainer, None, good)
+
+
+def test_deferred_check_runs_at_the_end_of_training():
+    guard, trainer = NonFiniteGuard(check_every_n_steps=50), _Trainer()
+    guard.on_before_optimizer_step(trainer, None, _optimizer(torch.tensor([float("inf")])))
+    with pytest.raises(NonFiniteError, match="step 0;"):
+        guard.on_train_end(trainer, None)
+
+
+@pytest.mark.parametrize("kwargs", [{"check_every_n_steps": 0},
+                                    {"policy": "skip", "check_every_n_steps": 5}])
+def test_bad_check_interval_is_a_config_error(kwargs):
+    with pytest.raises(ConfigError, match="check_every_n_steps"):
+        NonFiniteGuard(**kwargs)
