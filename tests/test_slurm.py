@@ -1,6 +1,8 @@
-"""`hydra/launcher=slurm` on a real single-node SLURM cluster (scripts/slurm_cluster.sh): a sweep
-of SLURM jobs leaves one completed record per job, and a job signalled for its time limit saves
-last.ckpt, is requeued by submitit and finishes from that checkpoint."""
+"""submitit launchers. `hydra/launcher=slurm` on a real single-node SLURM cluster
+(scripts/slurm_cluster.sh): a sweep of SLURM jobs leaves one completed record per job, a DDP job
+runs one rank per SLURM task in one run directory, and a job signalled for its time limit saves
+last.ckpt, is requeued by submitit and finishes from that checkpoint. `hydra/launcher=local`: the
+same jobs as local processes."""
 
 from __future__ import annotations
 
@@ -39,9 +41,9 @@ def slurm_cluster():
         subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, timeout=120)
 
 
-def _sweep_args(tmp_path: Path, *overrides: str) -> list[str]:
+def _sweep_args(tmp_path: Path, *overrides: str, launcher: str = "slurm") -> list[str]:
     return [
-        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm", *TINY_MODEL, *TINY_SYNTHETIC,
+        sys.executable, str(ROOT / "train.py"), "-m", f"hydra/launcher={launcher}", *TINY_MODEL, *TINY_SYNTHETIC,
         f"paths.log_dir={tmp_path / 'outputs'}", f"paths.cache_dir={tmp_path / 'cache'}",
         "print_config=false", "trainer.enable_progress_bar=false", "hydra.launcher.timeout_min=10",
         *overrides,
@@ -67,6 +69,41 @@ def test_sweep_runs_every_job_on_slurm(slurm_cluster, tmp_path):
     assert len(list((sweep / ".submitit").glob("*_[01]"))) == 2
     report = make_report(sweep)
     assert "2 completed" in (report / "report.md").read_text()
+
+
+def _only_job_dirs(tmp_path: Path, expected: list[str]) -> Path:
+    """The sweep left exactly these job directories and nothing else below outputs/ (no
+    directory of its own for another rank, no single-run directory)."""
+    (top,) = (tmp_path / "outputs").iterdir()
+    assert top.name == "multirun"
+    (sweep,) = top.iterdir()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == expected
+    return sweep
+
+
+def test_ddp_job_gets_one_rank_per_slurm_task_in_one_directory(slurm_cluster, tmp_path):
+    proc = subprocess.run(_sweep_args(tmp_path, "debug=fast", "trainer=ddp", "trainer.devices=2", "seed=0"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = _only_job_dirs(tmp_path, ["0"])
+    assert _records(tmp_path)["0"]["status"] == "completed"
+    (job,) = [p for p in (sweep / ".submitit").iterdir() if p.is_dir()]
+    assert "#SBATCH --ntasks-per-node=2" in (job / f"{job.name}_submission.sh").read_text()
+    # srun started both ranks; Lightning took them from SLURM (no processes of its own).
+    logs = [(job / f"{job.name}_{task}_log.err").read_text() for task in (0, 1)]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs[0]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1]
+    assert not (sweep / "0" / ".rank_config.yaml").exists()
+
+
+def test_local_launcher_runs_jobs_as_processes(tmp_path):
+    proc = subprocess.run(_sweep_args(tmp_path, "debug=fast", "model=gpt,gqa", launcher="local"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = _only_job_dirs(tmp_path, ["0", "1"])
+    records = _records(tmp_path)
+    assert all(r["status"] == "completed" for r in records.values())
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # submitit ran them
 
 
 def _wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen):

@@ -35,8 +35,10 @@ def sweep_name(overrides: list[str] | tuple[str, ...]) -> str:
     """`model=gpt,gqa debug=fast` → `debug=fast_model=gpt,gqa_<8 hex>`; order does not matter."""
     items = sorted(str(o) for o in overrides)
     digest = hashlib.sha1("\n".join(items).encode()).hexdigest()[:8]
-    # What the sweep varies reads first; where outputs go is no part of the name.
-    shown = sorted((o for o in items if not o.startswith("paths.")), key=lambda o: not _sweeps(o))
+    # What the sweep varies reads first, then group choices, then fields; where outputs go is
+    # no part of the name.
+    shown = sorted((o for o in items if not o.startswith("paths.")),
+                   key=lambda o: (not _sweeps(o), "." in o.partition("=")[0]))
     readable = re.sub(r"[^\w=,.+~-]+", "-", "_".join(shown)).strip("-_")[:READABLE_CHARS] or "default"
     return f"{readable}_{digest}"
 
