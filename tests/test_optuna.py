@@ -67,3 +67,4 @@ def test_study_is_stored_and_a_rerun_continues_it(tmp_path):
     assert results["best_value"] == pytest.approx(study.best_value)
     report = (make_report(sweep) / "report.md").read_text()
     assert "4 completed" in report and "optimizer.lr" in report
+    assert f"Optuna best trial: {study.best_value:.4g}" in report

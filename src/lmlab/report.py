@@ -89,7 +89,27 @@ def _fmt(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
+    if isinstance(value, str) and len(value) > 8:  # an override sampled by a sweeper: 0.0022881136684755237
+        try:
+            return f"{float(value):.4g}"
+        except ValueError:
+            pass
     return str(value)
+
+
+def optuna_summary(root: Path) -> list[str]:
+    """The best trial of an `hparams_search=optuna` sweep (its optimization_results.yaml)."""
+    path = root / "optimization_results.yaml"
+    if not path.is_file():
+        return []
+    import yaml
+
+    try:
+        results = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return []
+    params = ", ".join(f"{k}={_fmt(str(v))}" for k, v in (results.get("best_params") or {}).items())
+    return [f"Optuna best trial: {_fmt(results.get('best_value'))} with {params}.", ""]
 
 
 def to_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
@@ -131,7 +151,8 @@ def make_report(root: str | Path, out_dir: str | Path | None = None, metric: str
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    body = [f"# Report: {root}", "", f"{len(rows)} runs: {summary}.", "", to_markdown(columns, rows)]
+    body = [f"# Report: {root}", "", f"{len(rows)} runs: {summary}.", "", *optuna_summary(root),
+            to_markdown(columns, rows)]
     body += [f"![{p}]({p})" for p in plots]
     (out / "report.md").write_text("\n".join(body) + "\n")
     return out
