@@ -11,7 +11,7 @@ from lmlab.train import run
 from tests.conftest import CONF_DIR, ROOT
 
 GROUPS = ["model", "tokenizer", "data", "task", "peft", "optimizer", "scheduler", "trainer", "logger",
-          "callbacks", "experiment", "debug", "compress"]
+          "callbacks", "experiment", "debug", "compress", "hparams_search", "hydra/launcher"]
 
 
 def options(group: str) -> list[str]:
