@@ -65,6 +65,7 @@ CASES = [
     (["compress=prune", "compress.kind=structured", "model=gqa", "compress.heads=1"], "compress.heads"),
     (["compress=prune", "compress.schedule=gradual", "compress.end_step=100"], "compress.end_step"),
     (["compress=prune", "compress.finetune_steps=2", "peft=lora"], "compress.finetune_steps"),
+    (["compress=prune", "peft=qlora"], "compress"),  # the base is already 4-bit
     (["compress=quantize", "compress.dtype=fp8"], "compress.dtype"),
     (["compress=quantize", "+compress.bits=4"], "compress.bits"),
     (["task=distill"], "teacher"),

@@ -76,6 +76,11 @@ def check_compression(compression: Compression, parts: Any, trainer_cfg: DictCon
                           "then compress its checkpoint: init_from=<ckpt> trainer.max_steps=0 "
                           f"compress={compression.method}")
     strategy = parts.strategy
+    quantized = [n for n, m in parts.task.backbone.named_modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit")]
+    if quantized and not isinstance(compression, NoCompression):
+        raise ConfigError("compress", compression.method, ["none"],
+                          f"peft={strategy.method} already quantized the backbone ({quantized[0]} is "
+                          f"{type(parts.task.backbone.get_submodule(quantized[0])).__name__}); compress a plain one")
     if compression.finetune_steps and strategy.can_merge:
         raise ConfigError("compress.finetune_steps", compression.finetune_steps, [0],
                           f"peft={strategy.method} adapters are merged into the backbone before compressing, "
