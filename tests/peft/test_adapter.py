@@ -136,3 +136,18 @@ def test_cannot_merge_and_invalid_fields():
     for field, value in [("bottleneck", 0), ("placement", "middle"), ("activation", "swish2"), ("dropout", 1.0)]:
         with pytest.raises(ConfigError, match=f"peft.{field}"):
             _adapter(**{field: value})
+
+
+@pytest.mark.parametrize("name", ["gqa", "hybrid"])
+def test_kv_cache_generation_matches_recomputation_with_adapters(name):
+    from lmlab.models.generation import generate
+
+    model = _backbone(name).eval()
+    _adapter().apply(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("up.weight"):
+                p.normal_(0, 0.3)
+    prompt = torch.randint(6, VOCAB, (3, 5))
+    cached = generate(model, prompt, max_new_tokens=8, use_cache=True)
+    assert torch.equal(cached, generate(model, prompt, max_new_tokens=8, use_cache=False))
