@@ -40,6 +40,8 @@ def tokenizer_from_files(files: dict[str, str]) -> Tokenizer:
 
 def read_checkpoint(path: str | Path, field: str) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        return read_sharded_checkpoint(path, field)
     if not path.is_file():
         raise ConfigError(field, str(path), reason="no such checkpoint file")
     try:
@@ -55,6 +57,18 @@ def read_checkpoint(path: str | Path, field: str) -> dict[str, Any]:
     except Exception as err:  # truncated file, not a checkpoint at all
         raise ConfigError(field, str(path), reason=f"cannot be read as a checkpoint ({err})") from None
     if METADATA_KEY not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(field, str(path), reason="not an lmlab checkpoint (no lmlab metadata)")
+    return ckpt
+
+
+def read_sharded_checkpoint(path: Path, field: str) -> dict[str, Any]:
+    """A folder saved by trainer=fsdp or a DeepSpeed strategy, consolidated in memory."""
+    from lmlab.strategies.consolidate import consolidate, is_complete
+
+    if not is_complete(path):
+        raise ConfigError(field, str(path), reason="a folder, but not a complete FSDP2 or DeepSpeed checkpoint")
+    ckpt = consolidate(path)
+    if METADATA_KEY not in ckpt:
         raise ConfigError(field, str(path), reason="not an lmlab checkpoint (no lmlab metadata)")
     return ckpt
 
@@ -75,6 +89,15 @@ class InitSource:
         if source_strategy.can_merge:
             source_strategy.apply(backbone)
         missing, unexpected = backbone.load_state_dict(self.state_dict, strict=False)
+        if unexpected and not source_strategy.can_merge and not missing:
+            method = source_strategy.method
+            raise ConfigError(
+                "init_from", str(self.path),
+                reason=f"the checkpoint was trained with peft={method}, which cannot be merged into "
+                f"its backbone ({source_strategy.cannot_merge_reason}); start from its base and load "
+                f"the trained tensors with peft_from=<dir> (written by `lmlab export {self.path} "
+                "<dir> --adapter-only`)",
+            )
         if missing or unexpected:
             raise ConfigError(
                 "init_from", str(self.path),
@@ -89,15 +112,6 @@ def load_hf_init_source(directory: str) -> InitSource:
     from lmlab.tokenizers import HFTokenizer, TokenizerConfig
 
     hf_model_config(directory)  # directory and architecture errors come first
-        if unexpected and not source_strategy.can_merge and not missing:
-            method = source_strategy.method
-            raise ConfigError(
-                "init_from", str(self.path),
-                reason=f"the checkpoint was trained with peft={method}, which cannot be merged into "
-                f"its backbone ({source_strategy.cannot_merge_reason}); start from its base and load "
-                f"the trained tensors with peft_from=<dir> (written by `lmlab export {self.path} "
-                "<dir> --adapter-only`)",
-            )
     if tokenizer_path(directory) is None:
         raise ConfigError("init_from", f"hf:{directory}",
                           reason="no tokenizer.json next to the model (its ids must match the embeddings)")
@@ -125,7 +139,8 @@ def load_init_source(path: str | Path) -> InitSource:
 
 
 # Settings a resumed run may change: they alter no tensor shape and no id's meaning.
-RESUME_MAY_CHANGE = {"vocab_size", "dropout", "attn_impl", "hf_id_offset", "activation_checkpointing"}
+RESUME_MAY_CHANGE = {"vocab_size", "dropout", "attn_impl", "hf_id_offset", "activation_checkpointing",
+                     "compile"}
 
 
 @dataclass

@@ -36,6 +36,8 @@ from lmlab.loggers.wandb import finish_wandb_runs
 from lmlab.peft import parameter_counts
 from lmlab.record import base_record, write_record
 from lmlab.requeue import install_requeue_bridge
+from lmlab.strategies import check_run
+from lmlab.strategies.launch import use_run_config_launcher
 from lmlab.sweep import previous_record
 from lmlab.tokenizers import tokenizer_metrics
 
@@ -45,6 +47,10 @@ LAST_CHECKPOINT = f"checkpoints/{LAST_NAME}"
 
 def loadable(path: Path) -> bool:
     """A checkpoint file that torch can read (a kill mid-write or a full disk leaves one that isn't)."""
+    if path.is_dir():  # FSDP2 / DeepSpeed folders
+        from lmlab.strategies.consolidate import is_complete
+
+        return is_complete(path)
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return True
@@ -56,7 +62,7 @@ def loadable(path: Path) -> bool:
 def latest_resumable(output_dir: Path) -> Path | None:
     for name in (LAST_NAME, PREVIOUS_NAME):
         path = output_dir / "checkpoints" / name
-        if path.is_file() and loadable(path):
+        if path.exists() and loadable(path):
             return path
     return None
 
@@ -87,7 +93,7 @@ def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
                 "run, point hydra.run.dir at its directory or give ckpt_path=<file>",
             )
         return str(last)
-    if not Path(value).is_file():
+    if not Path(value).exists():
         raise ConfigError("ckpt_path", value, reason="no such checkpoint file")
     if not loadable(Path(value)):
         raise ConfigError("ckpt_path", value, reason="the file is not a readable checkpoint (truncated or corrupt)")
@@ -127,6 +133,13 @@ def _finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+record_writer = write_record
+
+
+def _no_record(output_dir: Path, record: dict[str, Any]) -> None:
+    """Ranks other than zero write no record."""
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the record written to metrics.json."""
     started = time.time()
@@ -149,14 +162,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = build_list(cfg.get("callbacks"), "callbacks") + compression.callbacks()
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    check_run(cfg)  # strategy, processes, precision, DeepSpeed config, PEFT: before any process starts
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    use_run_config_launcher(trainer, cfg, overrides_of(cfg), ckpt_path)
+    # Rank zero alone writes the run's files; the other ranks of a multi-process run share its directory.
+    write_record = record_writer if trainer.is_global_zero else _no_record
     parts = build_parts(cfg, load_resume_source(ckpt_path) if ckpt_path else None)
     params = parameter_counts(parts.task)  # backbone + task heads (e.g. the classifier)
     check_compression(compression, parts, cfg.trainer)
 
     # Everything validated: from here on the run leaves a record.
     output_dir.mkdir(parents=True, exist_ok=True)
-    parts.datamodule.tokenizer.save(output_dir / "tokenizer")
+    if trainer.is_global_zero:
+        parts.datamodule.tokenizer.save(output_dir / "tokenizer")
     record = base_record(overrides_of(cfg))
     record.update(
         run_dir=str(output_dir),
@@ -167,8 +185,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                    **measure_tokenizer(parts.datamodule.tokenizer, parts.datamodule.sample_texts())},
         model_config=parts.model_config.to_dict(),
         peft=parts.strategy.to_dict(),
+        peft_report=parts.strategy.report(),  # what the method measured (e.g. bytes quantized)
         resumed_from=ckpt_path,
         init_from=str(parts.init_source.path) if parts.init_source else None,
+        peft_from=cfg.get("peft_from"),
     )
     write_record(output_dir, record)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -187,10 +207,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         compressed, compressed_metrics = compress_after_training(compression, parts, cfg.trainer)
         if compressed is not None:
             record["compress"] = compressed
-        peft_report=parts.strategy.report(),  # what the method measured (e.g. bytes quantized)
             metrics.update(compressed_metrics)
     except BaseException as err:
-        peft_from=cfg.get("peft_from"),
         record.update(
             status=_status_of(err),
             error=f"{type(err).__name__}: {err}",
@@ -224,10 +242,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         optimized_metric=cfg.get("optimized_metric"),
     )
     write_record(output_dir, record)
-    print_results(
-        metrics, params, {"tokens_seen": record["tokens_seen"], "steps": record["step"],
-                          "wall_time_s": record["wall_time_s"]},
-    )
+    if trainer.is_global_zero:
+        print_results(metrics, params, {"tokens_seen": record["tokens_seen"], "steps": record["step"],
+                                        "wall_time_s": record["wall_time_s"]})
     log.info("run record: %s", output_dir / "metrics.json")
     return record
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -33,14 +34,30 @@ def atomic_save_checkpoint(
 ) -> None:
     filepath = Path(filepath)
     tmp = filepath.with_name(f".{filepath.name}.tmp")
+    if trainer.is_global_zero and tmp.is_dir():
+        shutil.rmtree(tmp)  # a sharded save cut short; the strategies broadcast the path first
     trainer.save_checkpoint(tmp, weights_only)
     if trainer.is_global_zero:
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if keep_previous is not None and filepath.exists():
-            os.replace(filepath, keep_previous)
+        if tmp.is_dir():  # FSDP2 / DeepSpeed write a folder: rename folders, old ones removed
+            if keep_previous is not None and filepath.exists():
+                _remove(keep_previous)
+                os.replace(filepath, keep_previous)
+            _remove(filepath)
+        else:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            if keep_previous is not None and filepath.exists():
+                os.replace(filepath, keep_previous)
         os.replace(tmp, filepath)
     trainer.strategy.barrier("atomic_save_checkpoint")
+
+
+def _remove(path: str | Path) -> None:
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def last_good_checkpoint(dirpath: str | Path) -> Path | None:

@@ -59,12 +59,12 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _accelerator(trainer: DictConfig) -> str:
+def _accelerator(trainer: DictConfig, here: bool = True) -> str:
     value = str(trainer.get("accelerator", "auto"))
     if value == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     if value in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
+        if here and not torch.cuda.is_available():
             raise ConfigError("trainer.accelerator", value, ["cpu", "auto"], "no CUDA GPU on this machine")
         return "gpu"
     return value
@@ -83,9 +83,9 @@ def _devices(trainer: DictConfig, accelerator: str) -> int:
     return value
 
 
-def strategy_info(trainer: DictConfig) -> StrategyInfo:
+def strategy_info(trainer: DictConfig, here: bool = True) -> StrategyInfo:
     """Strategy kind and process count of a `trainer` config (no validation of the rest)."""
-    accelerator = _accelerator(trainer)
+    accelerator = _accelerator(trainer, here)
     devices = _devices(trainer, accelerator) * int(trainer.get("num_nodes", 1) or 1)
     strategy = trainer.get("strategy")
     if strategy is None or strategy == "auto":
@@ -106,12 +106,15 @@ def strategy_info(trainer: DictConfig) -> StrategyInfo:
     return StrategyInfo(kind, accelerator, devices, zero_stage=zero.get("stage", 0), offload=offload)
 
 
-def check_trainer(cfg: DictConfig) -> StrategyInfo:
-    """Refuse, naming the field, a trainer config that cannot run here; before any compute."""
+def check_trainer(cfg: DictConfig, here: bool = True) -> StrategyInfo:
+    """Refuse, naming the field, a trainer config that cannot run here; before any compute.
+
+    `here=False` checks the config for the hardware it names (the compatibility matrix: a
+    `trainer=gpu` cell is not refused for this machine having no GPU)."""
     trainer = cfg.trainer
-    info = strategy_info(trainer)
+    info = strategy_info(trainer, here)
     precision = str(trainer.get("precision", "32-true"))
-    if info.accelerator == "cpu":
+    if info.accelerator == "cpu" and here:
         if precision.startswith("16") or precision == "16":
             raise ConfigError("trainer.precision", precision, ["32-true", "bf16-mixed", "bf16-true"],
                               "float16 needs a GPU (CPUs compute in fp32 or bf16)")
@@ -145,11 +148,11 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def check_run(cfg: DictConfig) -> StrategyInfo:
+def check_run(cfg: DictConfig, here: bool = True) -> StrategyInfo:
     """`check_trainer` plus what the strategy means for the other groups (PEFT methods)."""
     from lmlab.strategies.compat import check_peft_with_strategy
 
-    info = check_trainer(cfg)
+    info = check_trainer(cfg, here)
     peft = cfg.get("peft") or {}
     check_peft_with_strategy(info, str(peft.get("method", "none")))
     return info

@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from lmlab.errors import ConfigError
+
 # Backbone methods besides forward that tasks and generation call.
 FORWARD_METHODS = ("hidden", "encode", "decode", "mlm_logits")
 DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,6 +74,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, **kwargs)
+        for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if value not in DTYPES:
+                raise ConfigError(f"trainer.strategy.{name}", value, list(DTYPES), "FSDP2 mixed-precision dtype")
         self.reshard_after_forward = reshard_after_forward
         self.param_dtype = DTYPES[param_dtype]
         self.reduce_dtype = DTYPES[reduce_dtype]

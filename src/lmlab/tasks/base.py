@@ -130,6 +130,18 @@ class LMTask(L.LightningModule):
         self.checkpoint_metadata = dict(checkpoint_metadata or {})
         # Counted on device and checkpointed, so resumed runs report the true total.
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        # model.compile: training steps call a compiled backbone; evaluation and generation
+        # (other shapes, a KV cache) stay eager. Kept out of the module tree (`__dict__`), so
+        # the state dict and checkpoints do not change.
+        compiled = getattr(getattr(backbone, "config", None), "compile", False)
+        self.__dict__["_compiled_backbone"] = torch.compile(backbone) if compiled else None
+
+    def run_backbone(self, *args: Any, **kwargs: Any) -> Any:
+        """The backbone call of a step: compiled while training under model.compile."""
+        compiled = self.__dict__.get("_compiled_backbone")
+        if compiled is not None and self.training:
+            return compiled(*args, **kwargs)
+        return self.backbone(*args, **kwargs)
 
     # -- training loss with the backbone's auxiliary terms -------------------------------------
     def training_loss(self, loss: Tensor, batch_size: int) -> Tensor:
@@ -178,6 +190,13 @@ class LMTask(L.LightningModule):
         if "tokenizer_files" not in self.checkpoint_metadata:
             self.checkpoint_metadata["tokenizer_files"] = tokenizer_files(self.tokenizer)
         checkpoint[METADATA_KEY] = self.checkpoint_metadata
+
+    def configure_model(self) -> None:
+        """Distributed strategies that reshape the module do it here (trainer=fsdp: FSDP2 shards
+        each transformer block, then the rest); every other strategy leaves it as built."""
+        shard = getattr(self.trainer.strategy, "shard_module", None) if self._trainer is not None else None
+        if shard is not None:
+            shard(self)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(split_weight_decay(self, self.weight_decay))

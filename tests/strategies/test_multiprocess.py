@@ -1,0 +1,109 @@
+"""Real 2-process trainings (CPU, gloo) with every data/model-parallel strategy lmlab ships.
+
+For each strategy one run trains 4 steps (checkpoints at steps 2 and 4) and a second run starts
+from the step-2 checkpoint and trains to step 4. Checked: one run directory and one record per
+run (no duplicates from the child rank), every rank ends with the same gathered weights, the
+resumed run ends with the same weights as the straight one, and the final checkpoint (a folder
+for FSDP2 / DeepSpeed) consolidates into one file that `lmlab export` and `init_from` read.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.checkpoint import load_init_source
+from lmlab.export import export_checkpoint
+from lmlab.record import read_record
+from lmlab.strategies.consolidate import consolidate, sharded_kind
+from tests.conftest import ROOT
+
+TINY = [
+    "debug=fast", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64",
+    "model.dropout=0.0", "data.n_train=64", "data.n_val=8", "data.n_test=8", "data.batch_size=4",
+    "data.eval_batch_size=16", "trainer.limit_val_batches=1", "trainer.val_check_interval=4",
+    "callbacks.last_checkpoint.every_n_steps=2", "test=false", "validate_after_fit=false",
+    "print_config=false", "trainer.enable_progress_bar=false", "logger=csv",
+]
+# (trainer option, what its last.ckpt is)
+STRATEGIES = [("ddp", None), ("fsdp", "fsdp"), ("deepspeed_zero2", "deepspeed"), ("deepspeed_zero3", "deepspeed")]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
+
+
+def train(args: list[str], timeout: int = 300) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def consolidated_backbone(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = consolidate(ckpt)["state_dict"] if ckpt.is_dir() else weights(ckpt)["state_dict"]
+    return {k: v.float() for k, v in state.items() if k.startswith("backbone.")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option,kind", STRATEGIES, ids=[s for s, _ in STRATEGIES])
+def test_two_process_training_saves_resumes_and_consolidates(option, kind, tmp_path):
+    cache = tmp_path / "cache"
+    common = [f"trainer={option}", "trainer.devices=2", *TINY, f"paths.cache_dir={cache}"]
+    # The straight run: launched the way a user does, in a Hydra multirun (the known DDP + Hydra
+    # pain: child ranks re-running the sweep or writing their own directories).
+    sweep = tmp_path / "sweep"
+    dumps = tmp_path / "dumps"
+    train(["-m", *common, f"hydra.sweep.dir={sweep}", f"paths.log_dir={tmp_path / 'outputs'}",
+           "+callbacks.rank_weights._target_=tests.strategies.rank_weights.DumpRankWeights",
+           f"+callbacks.rank_weights.dirpath={dumps}"])
+    run_dir = sweep / "0"
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["0", "multirun.yaml"]
+    assert not (tmp_path / "outputs").exists(), "a child rank made a run directory of its own"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("metrics.json")) == [Path("sweep/0/metrics.json")]
+    record = read_record(run_dir)
+    assert record["status"] == "completed" and record["step"] == 4
+
+    # Every rank holds the same model.
+    rank0, rank1 = weights(dumps / "weights_rank0.pt"), weights(dumps / "weights_rank1.pt")
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+
+    # Sharded strategies save folders; every checkpoint consolidates to the ranks' weights.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert sharded_kind(last) == kind
+    final = consolidated_backbone(last)
+    trained = [name for name in rank0 if name.startswith("backbone.")]  # tied weights once
+    assert trained and set(trained) <= set(final)
+    for name in trained:
+        torch.testing.assert_close(final[name], rank0[name], rtol=0, atol=0, msg=name)
+
+    # Resume from the step-2 checkpoint (kept as last.prev.ckpt) in a new directory.
+    resumed = tmp_path / "resumed"
+    train([*common, f"hydra.run.dir={resumed}",
+           f"ckpt_path={run_dir / 'checkpoints' / 'last.prev.ckpt'}"])
+    record = read_record(resumed)
+    assert record["status"] == "completed" and record["step"] == 4 and record["resumed_from"]
+    after_resume = consolidated_backbone(resumed / "checkpoints" / "last.ckpt")
+    for name, value in final.items():
+        torch.testing.assert_close(after_resume[name], value, rtol=0, atol=0, msg=name)
+
+    # One file for export and init_from.
+    exported = export_checkpoint(last, tmp_path / "export")
+    assert exported.is_file()
+    plain = weights(exported)["state_dict"]
+    for name, value in final.items():
+        torch.testing.assert_close(plain[name], value, msg=name)
+    source = load_init_source(last)
+    assert source.model_config["d_model"] == 32
+    assert set(source.state_dict) == {k[len("backbone."):] for k in final}
