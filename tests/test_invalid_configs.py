@@ -39,6 +39,7 @@ CASES = [
     (["model=t5", "task=seq2seq", "model.relative_buckets=0"], "model.relative_buckets"),
     (["model.hf_path=/nonexistent/model"], "model.hf_path"),
     (["model.activation_checkpointing=sometimes"], "model.activation_checkpointing"),
+    (["model.compile=sometimes"], "model.compile"),
     (["model.position=learned", "data=text", "tokenizer=char", "data.seq_len=128", "model.max_seq_len=64"], "data.seq_len"),
     # tasks vs families vs data
     (["task.name=translate"], "task.name"),
@@ -144,6 +145,8 @@ CASES = [
      "trainer.strategy.config.gradient_accumulation_steps"),
     (["trainer=deepspeed_zero1", "+trainer.gradient_clip_algorithm=value"], "trainer.gradient_clip_algorithm"),
     (["callbacks.nonfinite.policy=ignore"], "callbacks.nonfinite"),
+    (["callbacks.nonfinite.check_every_n_steps=0"], "callbacks.nonfinite.check_every_n_steps"),
+    (["callbacks.throughput.peak_tflops=-1"], "callbacks.throughput.peak_tflops"),
     (["callbacks.last_checkpoint.every_n_steps=0"], "callbacks.last_checkpoint"),
     (["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode"),
     # runs and checkpoints

@@ -71,6 +71,8 @@ class ModelConfig:
     init_std: float = 0.02
     # Recompute each layer's activations in backward instead of keeping them (training only).
     activation_checkpointing: bool = False
+    # torch.compile the backbone's training forward (the task does it; evaluation stays eager).
+    compile: bool = False
     # Mixture of experts, Mamba / hybrid mixers, attention and RoPE variants (issue 3, A2).
     expert_ffn: str = "gelu"
     n_experts: int = 8
@@ -186,7 +188,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise ConfigError(f"model.{name}", value, "a number > 0", "must be positive")
-        for name in ("bias", "tie_embeddings", "activation_checkpointing"):
+        for name in ("bias", "tie_embeddings", "activation_checkpointing", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name}", getattr(self, name), [True, False],
                                   "must be a boolean")

@@ -52,7 +52,7 @@ class CausalLMTask(LMTask):
         self.eval_meters = EvalMeters(("loss",))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.backbone(input_ids, attention_mask=attention_mask)
+        return self.run_backbone(input_ids, attention_mask=attention_mask)
 
     def _loss(self, batch: dict, reduction: str = "mean") -> torch.Tensor:
         # Batches are right-padded, and a causal model never lets a real token see a later pad,

@@ -79,7 +79,7 @@ class MaskedLMTask(LMTask):
         """(logits over the real vocabulary, original ids) at the chosen positions only: the
         head runs on the ~15% of positions that carry a loss, not on every token."""
         masked_ids, labels = self.mask(batch, generator)
-        hidden = self.backbone(masked_ids, batch.get("attention_mask"))
+        hidden = self.run_backbone(masked_ids, batch.get("attention_mask"))
         chosen = labels != IGNORE_INDEX
         logits = self.backbone.mlm_logits(hidden[chosen][None])[0]
         return logits[:, : self.tokenizer.vocab_size].float(), labels[chosen]

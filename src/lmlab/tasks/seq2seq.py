@@ -69,7 +69,7 @@ class Seq2SeqTask(LMTask):
         self._decoded: dict[str, list] = {"hyp": [], "ref": [], "task": []}
 
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
-        return self.backbone(src_ids, src_mask, tgt_in)
+        return self.run_backbone(src_ids, src_mask, tgt_in)
 
     def _loss(self, batch: dict, label_smoothing: float, reduction: str) -> Tensor:
         logits = self(batch["src_ids"], batch["src_mask"], batch["tgt_in"])
