@@ -68,3 +68,16 @@ def test_study_is_stored_and_a_rerun_continues_it(tmp_path):
     report = (make_report(sweep) / "report.md").read_text()
     assert "4 completed" in report and "optimizer.lr" in report
     assert f"Optuna best trial: {study.best_value:.4g}" in report
+
+
+def test_a_misspelt_optimized_metric_is_named(caplog):
+    import math
+
+    from omegaconf import OmegaConf
+
+    from lmlab.train import objective
+
+    record = {"status": "completed", "metrics": {"val/acc": 0.5, "val/loss": 1.0}}
+    assert objective(record, OmegaConf.create({"optimized_metric": "val/acc"})) == 0.5
+    assert math.isnan(objective(record, OmegaConf.create({"optimized_metric": "val/accuracy"})))
+    assert "optimized_metric=val/accuracy" in caplog.text and "val/acc, val/loss" in caplog.text

@@ -262,6 +262,10 @@ def objective(record: dict[str, Any], cfg: DictConfig) -> float | None:
     if not name:
         return None
     value = record.get("metrics", {}).get(name)
+    if value is None and record.get("status") == "completed":
+        # A misspelt metric would otherwise hand every trial's sweeper a silent NaN.
+        log.error("optimized_metric=%s is not a metric of this run (valid: %s); the sweeper gets NaN",
+                  name, ", ".join(sorted(record.get("metrics", {}))))
     return float(value) if value is not None else math.nan
 
 
