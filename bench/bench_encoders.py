@@ -2,7 +2,7 @@
 
 A random `BertForMaskedLM` / `T5ForConditionalGeneration` (T5 v1.1 style gated-SiLU, no
 dropout) at the bench dimensions is saved and imported with `lmlab.models.hf.import_hf`, the
-outputs are checked equal, then training tokens/s (fp32, eager, AdamW with the same settings)
+outputs are checked equal, then training tokens/s (fp32, eager, fused AdamW on both sides)
 are compared, each side computing its loss the way its users do:
 
 - bert: the mlm task's step (backbone, MLM head on the 15% chosen positions only, fp32
@@ -20,7 +20,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from bench.common import Row, Size, interleaved, rate_row
+from bench.common import Row, Size, adamw, interleaved, rate_row
 from lmlab.models import build_backbone
 from lmlab.models.hf import import_hf
 
@@ -47,8 +47,7 @@ def _check(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
 
 def _compare(size: Size, name: str, lmlab, hf, lmlab_step, hf_step, tokens: int,
              diff: float) -> Row:
-    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True)
-                  for k, m in (("lmlab", lmlab), ("hf", hf))}
+    optimizers = {k: adamw(m) for k, m in (("lmlab", lmlab), ("hf", hf))}
     steps = {"lmlab": lmlab_step, "hf": hf_step}
 
     def run(side):

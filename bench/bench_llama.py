@@ -3,10 +3,11 @@
 The lmlab backbone is built, exported with `lmlab.models.hf.export_hf` and loaded by
 `LlamaForCausalLM.from_pretrained`, and the logits are checked equal before anything is timed.
 
-- train: tokens/s of a full training step (forward, fp32 cross-entropy, backward, AdamW with
-  the same settings on both sides) in fp32 and bf16 autocast, both eager (both use SDPA) and
-  both under `torch.compile` (the step's model call; lmlab's `model.compile=true` does the
-  same). HF computes its loss the way its users call it (`labels=`).
+- train: tokens/s of a full training step (forward, fp32 cross-entropy, backward, fused AdamW
+  on both sides: the default of lmlab and of the HF Trainer) in fp32 and bf16 autocast, both
+  eager (both use SDPA) and both under `torch.compile` (the step's model call; lmlab's
+  `model.compile=true` does the same). HF computes its loss the way its users call it
+  (`labels=`).
 - generate: greedy decoding with a KV cache, `lmlab.models.generation.generate` vs
   `LlamaForCausalLM.generate` (no early stop), tokens/s of new tokens; the tokens are compared.
 """
@@ -19,7 +20,7 @@ import tempfile
 
 import torch
 
-from bench.common import Row, Size, causal_lm_loss, interleaved, rate_row
+from bench.common import Row, Size, adamw, causal_lm_loss, interleaved, rate_row
 from lmlab.models import ModelConfig, build_backbone
 from lmlab.models.generation import generate
 from lmlab.models.hf import export_hf
@@ -70,8 +71,7 @@ def train_rows(size: Size, compiled: bool = True) -> list[Row]:
     out (minutes of inductor codegen on a 2-core machine)."""
     lmlab, hf, diff = llama_pair(size)
     ids = torch.randint(0, size.vocab, (size.batch, size.seq_len))
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True)
-                  for name, m in (("lmlab", lmlab), ("hf", hf))}
+    optimizers = {name: adamw(m) for name, m in (("lmlab", lmlab), ("hf", hf))}
     rows = []
     for mode in ("eager", "compiled") if compiled else ("eager",):
         models = {"lmlab": lmlab, "hf": hf}

@@ -95,6 +95,12 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The same optimizer on both sides: fused AdamW is lmlab's default (conf/optimizer/adamw)
+    and the transformers Trainer's (`adamw_torch_fused` on torch >= 2.8)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+
 def causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy as lmlab's clm task computes it (fp32 logits)."""
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())

@@ -112,7 +112,15 @@ class LMDataModule(L.LightningDataModule, ABC):
             collate_fn=self.collate_train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked batches, so the copy to a GPU is asynchronous (Lightning moves them with
+        non_blocking=True); on a CPU run pinning would only cost a copy."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     @property
     def stochastic_training(self) -> bool:

@@ -188,7 +188,7 @@ class ClassificationDataModule(LMDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.encoded[split], batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=self.collate_train)
+                          collate_fn=self.collate_train, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
