@@ -42,6 +42,9 @@ def test_every_field_has_a_comment(path):
 
 
 def _overrides_for(group: str, option: str) -> list[str]:
+    if group == "trainer" and option != "default":
+        # Multi-process options would start ranks (and a process group) inside pytest; gpu needs CUDA.
+        pytest.skip(f"trainer={option} is trained for real by tests/strategies/ (2 CPU processes; GPU tests)")
     if group == "experiment":
         return [f"experiment={option}", "trainer.max_steps=4"]
     extra = {

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,6 +135,11 @@ def check_trainer(cfg: DictConfig, here: bool = True) -> StrategyInfo:
             raise ConfigError("trainer.gradient_clip_algorithm", "value", ["norm"],
                               "DeepSpeed clips by norm only")
         use_cpu_accelerator_if_no_gpu(info.accelerator)
+        # DeepSpeed JIT-compiles its ops (on CPU its shared-memory allreduce, ~25 s) into
+        # TORCH_EXTENSIONS_DIR: keep them in the project's cache so later runs reuse them.
+        cache_dir = (cfg.get("paths") or {}).get("cache_dir")
+        if cache_dir:
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_dir) / "torch_extensions"))
         check_deepspeed_config(
             _container(trainer.strategy.get("config")),
             micro_batch_size=int(cfg.get("data", {}).get("batch_size", 1) or 1),
