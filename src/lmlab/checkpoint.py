@@ -61,13 +61,14 @@ def read_checkpoint(path: str | Path, field: str) -> dict[str, Any]:
     return ckpt
 
 
-def read_sharded_checkpoint(path: Path, field: str) -> dict[str, Any]:
-    """A folder saved by trainer=fsdp or a DeepSpeed strategy, consolidated in memory."""
-    from lmlab.strategies.consolidate import consolidate, is_complete
+def read_sharded_checkpoint(path: Path, field: str, weights: bool = True) -> dict[str, Any]:
+    """A folder saved by trainer=fsdp or a DeepSpeed strategy, consolidated in memory (or only
+    its metadata, `weights=False`)."""
+    from lmlab.strategies.consolidate import consolidate, is_complete, metadata
 
     if not is_complete(path):
         raise ConfigError(field, str(path), reason="a folder, but not a complete FSDP2 or DeepSpeed checkpoint")
-    ckpt = consolidate(path)
+    ckpt = consolidate(path) if weights else metadata(path)
     if METADATA_KEY not in ckpt:
         raise ConfigError(field, str(path), reason="not an lmlab checkpoint (no lmlab metadata)")
     return ckpt
@@ -174,7 +175,9 @@ class ResumeSource:
 
 
 def load_resume_source(path: str | Path) -> ResumeSource:
-    ckpt = read_checkpoint(path, "ckpt_path")
+    # A sharded folder: only its metadata is needed here (the strategy loads the shards itself).
+    ckpt = read_sharded_checkpoint(Path(path), "ckpt_path", weights=False) if Path(path).is_dir() \
+        else read_checkpoint(path, "ckpt_path")
     meta = ckpt[METADATA_KEY]
     return ResumeSource(
         path=Path(path),

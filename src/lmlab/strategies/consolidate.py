@@ -58,6 +58,17 @@ def _plain(checkpoint: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> d
     return out
 
 
+def metadata(path: str | Path) -> dict[str, Any]:
+    """lmlab metadata, epoch and step of a sharded checkpoint folder, without its weights."""
+    path = Path(path)
+    kind = sharded_kind(path)
+    source = path / "meta.pt" if kind == "fsdp" else _deepspeed_model_file(path) if kind == "deepspeed" else None
+    if source is None or not source.is_file():
+        raise ValueError(f"{path} is not a sharded (FSDP2 or DeepSpeed) checkpoint folder")
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    return {k: checkpoint[k] for k in KEPT_KEYS if k in checkpoint}
+
+
 def consolidate(path: str | Path) -> dict[str, Any]:
     """Full fp32 weights + lmlab metadata of a sharded checkpoint folder (no process group needed)."""
     path = Path(path)
