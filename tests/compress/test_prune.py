@@ -216,6 +216,13 @@ def test_prune_run_records_sparsity_and_metrics(make_cfg, extra):
     assert section["params_after"] == section["params_before"]
     assert section["metrics_before"]["val/loss"] > 0 and section["metrics_after"]["val/loss"] > 0
     assert record["metrics"]["compressed/val/loss"] == section["metrics_after"]["val/loss"]
+    # the pruned weights as a checkpoint init_from takes
+    from lmlab.checkpoint import load_init_source
+
+    source = load_init_source(section["checkpoint"])
+    weights = [v for k, v in source.state_dict.items() if k.startswith("layers.") and k.endswith("proj.weight")]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.6, abs=1e-3)
     if "compress.finetune_steps=2" in extra:
         assert section["metrics_after_finetune"]["val/loss"] > 0
         assert "finetuned/val/loss" in record["metrics"]

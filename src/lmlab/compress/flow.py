@@ -6,19 +6,24 @@ single-device Trainer with the run's `limit_val_batches` — the same for before
 Quantized models are evaluated on the CPU in fp32 (where their kernels run), and then so is
 the model before quantization. Fine-tuning after pruning trains `finetune_steps` more steps on
 the training data with a fresh optimizer and schedule of that length; masks (unstructured) stay
-attached, so pruned weights stay zero. It writes no checkpoint: the run's checkpoints are the
-model before compression (see the README on what to use as `init_from`).
+attached, so pruned weights stay zero. The run's own checkpoints are the model before
+compression. Unstructured pruning keeps every shape, so its result is also written as
+`checkpoints/pruned.ckpt` (an lmlab checkpoint: `init_from=` takes it); shrunk (structured) and
+quantized models cannot be rebuilt from a `ModelConfig` and are not written.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig
 
+from lmlab.checkpoint import BACKBONE_PREFIX, METADATA_KEY, tokenizer_files
 from lmlab.compress.base import Compression, NoCompression
 from lmlab.compress.measure import latency_per_token_ms, parameter_count, size_in_bytes
 from lmlab.errors import ConfigError
@@ -63,6 +68,23 @@ def _measure(compression: Compression, backbone: torch.nn.Module, vocab_size: in
         out["latency_ms_per_token"] = latency_per_token_ms(
             backbone, vocab_size, n_tokens=compression.latency_tokens, repeats=compression.latency_repeats)
     return out
+
+
+PRUNED_NAME = "pruned.ckpt"
+# Methods whose trained backbone is plain layers (nothing injected that init_from could not load).
+PLAIN_PEFT = ("none", "full", "bitfit", "frozen")
+
+
+def write_backbone_checkpoint(task: L.LightningModule, path: Path) -> Path:
+    """The backbone as an lmlab checkpoint (weights, model config, tokenizer), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"model": task.checkpoint_metadata["model"], "peft": {"method": "none"},
+                "tokenizer_files": tokenizer_files(task.tokenizer)}
+    state = {f"{BACKBONE_PREFIX}{k}": v.detach().cpu() for k, v in task.backbone.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": state, METADATA_KEY: metadata}, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def check_compression(compression: Compression, parts: Any, trainer_cfg: DictConfig) -> None:
@@ -116,6 +138,10 @@ def compress_after_training(compression: Compression, parts: Any,
         section["metrics_after_finetune"] = evaluate(task, datamodule, trainer_cfg, compression)
         metrics.update({f"finetuned/{k}": v for k, v in section["metrics_after_finetune"].items()})
     task.backbone = compression.finish(task.backbone)
+    if getattr(compression, "kind", None) == "unstructured" and trainer_cfg.get("default_root_dir"):
+        if parts.strategy.can_merge or parts.strategy.method in PLAIN_PEFT:
+            section["checkpoint"] = str(write_backbone_checkpoint(
+                task, Path(trainer_cfg.default_root_dir) / "checkpoints" / PRUNED_NAME))
     task.eval()
     after = _measure(compression, task.backbone, vocab_size)
     for key in sorted(set(before) | set(after)):
