@@ -102,7 +102,9 @@ def _matmul_weights(backbone: nn.Module, config: ModelConfig | None) -> dict[str
     for name, module in backbone.named_modules():
         if not (isinstance(module, (nn.Linear, nn.Conv1d)) or type(module).__name__ == "Conv1D"):
             continue
-        count = float(module.weight.numel()) * (share if ".experts." in name else 1.0)
+        # DeepSpeed ZeRO-3 empties partitioned weights and keeps their size in `ds_numel`.
+        numel = getattr(module.weight, "ds_numel", None) or module.weight.numel()
+        count = float(numel) * (share if ".experts." in name else 1.0)
         found[name] = (count, bool(module.weight.requires_grad))
     return found
 
