@@ -85,7 +85,7 @@ class PrefixTuning(PeftStrategy):
     method = "prefix"
     can_merge = False
     cannot_merge_reason = ("prefix tuning adds learned keys/values to every attention layer, an extra "
-                     "input rather than a weight update, so it cannot be folded into the weights")
+                           "input rather than a weight update, so it cannot be folded into the weights")
 
     n_virtual_tokens: int = 10  # prefix length P per attention layer
     reparameterize: bool = False  # prefixes = MLP(embedding) (Li & Liang) instead of free tensors

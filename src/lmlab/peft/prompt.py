@@ -41,7 +41,7 @@ class PromptTuning(PeftStrategy):
     method = "prompt"
     can_merge = False
     cannot_merge_reason = ("prompt tuning prepends learned embeddings to the input, an extra input "
-                     "rather than a weight update, so it cannot be folded into the weights")
+                           "rather than a weight update, so it cannot be folded into the weights")
 
     n_virtual_tokens: int = 10  # soft-prompt length P
     init: str = "vocab"  # vocab | text | random
