@@ -168,8 +168,11 @@ def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts
     strategy = build_peft_strategy(peft_cfg)
     strategy.check(probe)
     if resume is not None:
+        # With init_from or a teacher the run's tokenizer is theirs, not cfg.tokenizer.
+        given = (init or teacher).tokenizer if (init or teacher) is not None else None
         resume.check_matches(model_cfg.to_dict(), strategy.to_dict(),
-                             TokenizerConfig.from_dict(to_container(cfg.tokenizer)).to_dict())
+                             given.config.to_dict() if given is not None
+                             else TokenizerConfig.from_dict(to_container(cfg.tokenizer)).to_dict())
     for group in ("optimizer", "scheduler"):
         if cfg.get(group) is not None:
             check_node(cfg[group], group, provided={"params", "optimizer", "total_steps"})

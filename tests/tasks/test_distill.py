@@ -136,11 +136,16 @@ def test_distill_run_with_a_teacher_checkpoint(make_cfg, family):
     from lmlab.train import run
 
     extra = ["model=transformer", "task.eval_max_batches_decoded=1"] if family == "encoder_decoder" else []
-    teacher_task = ["task=seq2seq"] if family == "encoder_decoder" else []
+    # the decoder teacher has another tokenizer kind than the student's config: the teacher's is used
+    teacher_task = ["task=seq2seq"] if family == "encoder_decoder" else ["tokenizer=char"]
     teacher = run(make_cfg([*extra, *teacher_task], name="teacher"))
-    record = run(make_cfg(["task=distill", f"teacher={teacher['last_checkpoint']}", "model.d_model=16",
-                           "model.n_heads=2", *extra], name="student"))
+    overrides = ["task=distill", f"teacher={teacher['last_checkpoint']}", "model.d_model=16", "model.n_heads=2",
+                 *extra]
+    record = run(make_cfg(overrides, name="student"))
     assert record["status"] == "completed"
+    if family == "decoder":  # resuming rebuilds the teacher and accepts its tokenizer
+        resumed = run(make_cfg([*overrides, "trainer.max_steps=6"], name="student"))
+        assert resumed["resumed_from"] and resumed["step"] == 6
     assert record["metrics"]["train/kl"] >= 0 and record["metrics"]["train/ce"] > 0
     # the student's checkpoint is the student alone: it loads as init_from
     student = load_init_source(record["last_checkpoint"])
