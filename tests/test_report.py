@@ -82,3 +82,14 @@ def test_tokenizer_sweeps_show_tokenizer_measurements(tmp_path):
     columns, rows, _, _ = build_table(find_records(tmp_path), tmp_path)
     assert "tokenizer/fertility" in columns and "tokenizer/bytes_per_token" in columns
     assert [r["tokenizer/fertility"] for r in rows] == [1.4, 4.2]
+
+
+def test_compression_sweeps_show_metrics_after_compressing(tmp_path):
+    root = tmp_path / "multirun"
+    _job(root, 0, ["compress.sparsity=0.5"],
+         metrics={"val/loss": 1.0, "compressed/val/loss": 1.4, "finetuned/val/loss": 1.1})
+    _job(root, 1, ["compress.sparsity=0.8"],
+         metrics={"val/loss": 1.0, "compressed/val/loss": 3.0, "finetuned/val/loss": 1.6})
+    columns, rows, _, wanted = build_table(find_records(root), root)
+    assert {"compressed/val/loss", "finetuned/val/loss"} <= set(wanted) <= set(columns)
+    assert [r["compressed/val/loss"] for r in rows] == [1.4, 3.0]

@@ -59,7 +59,9 @@ def build_table(records: list[tuple[Path, dict[str, Any]]], root: Path, metrics:
     present = {m for _, r in records for m in r.get("metrics", {})}
     wanted = [m for m in (metrics or DEFAULT_METRICS) if m in present]
     if metrics is None:
-        wanted += sorted(m for m in present if m.split("/")[0] == "test" and m not in wanted)
+        # Compression sweeps compare the metric after compressing (and after fine-tuning).
+        wanted += sorted(m for m in present if m.split("/")[0] in ("test", "compressed", "finetuned")
+                         and m not in wanted)
     # Tokenizer measurements (fertility, bytes/token, ...) matter when the sweep varies the tokenizer.
     tok_cols = []
     if any(k.startswith("tokenizer") for k in varying):
