@@ -19,6 +19,8 @@ from lmlab.errors import ConfigError
 
 # Backbone methods besides forward that tasks and generation call.
 FORWARD_METHODS = ("hidden", "encode", "decode", "mlm_logits")
+# Methods of modules inside a block that are called outside the block's forward.
+BLOCK_METHODS = ("project_memory",)
 DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -106,6 +108,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         mesh = self.device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
         for block in transformer_blocks(backbone):
+            # Parts of a block called outside its forward (cross-attention's project_memory, run
+            # once per sequence by the decoder stack) are units of their own with those methods
+            # registered, so their weights are gathered for those calls too.
+            for sub in block.modules():
+                methods = [m for m in BLOCK_METHODS if sub is not block and callable(getattr(sub, m, None))]
+                if methods:
+                    fully_shard(sub, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+                    for name in methods:
+                        register_fsdp_forward_method(sub, name)
             if self.activation_checkpointing:
                 checkpoint(block)
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
