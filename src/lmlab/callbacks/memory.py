@@ -11,8 +11,9 @@ under `memory`, so PEFT methods and optimizers can be compared by what they cost
   Adafactor's row/column factors).
 - `cuda_peak_allocated_bytes` (GPU runs): the allocator's peak over fit, activations included.
 
-Under FSDP2 the numbers are this rank's shards; DeepSpeed keeps gradients and optimizer state
-outside the module and the optimizer, so there they read 0.
+Under FSDP2 and DeepSpeed the numbers are this rank's: FSDP2's shards, DeepSpeed's optimizer-state
+partition. DeepSpeed keeps gradients in buffers of its own (`grad_bytes` reads 0) and ZeRO-3
+moves the parameters out of the module (`param_bytes` reads 0).
 """
 
 from __future__ import annotations
