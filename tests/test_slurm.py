@@ -97,13 +97,17 @@ def test_ddp_job_gets_one_rank_per_slurm_task_in_one_directory(slurm_cluster, tm
 
 
 def test_local_launcher_runs_jobs_as_processes(tmp_path):
-    proc = subprocess.run(_sweep_args(tmp_path, "debug=fast", "model=gpt,gqa", launcher="local"),
+    """Job 1 is a 2-process DDP run: Lightning starts its second rank, which shares the job's
+    directory instead of making one of its own."""
+    proc = subprocess.run(_sweep_args(tmp_path, "debug=fast", "trainer=default,ddp", launcher="local"),
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = _only_job_dirs(tmp_path, ["0", "1"])
     records = _records(tmp_path)
     assert all(r["status"] == "completed" for r in records.values())
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # submitit ran them
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.err"))
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs
 
 
 def _wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen):
