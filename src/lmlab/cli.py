@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     export.set_defaults(func=_export)
     _add_tokenizers_parser(sub)
     report = sub.add_parser("report", help="a run or sweep directory as a table (md + csv) and plots (png)")
-    report.add_argument("directory", help="a run directory or a multirun directory (outputs/multirun/<date>/<time>)")
+    report.add_argument("directory", help="a run directory or a multirun directory (outputs/multirun/<sweep name>_<hash>)")
     report.add_argument("--out", default=None, help="output folder (default: <directory>/report)")
     report.add_argument("--metric", default=None, help="metric to plot against each swept setting (default val/loss)")
     report.set_defaults(func=_report)
