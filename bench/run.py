@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown file to write (default: bench/results.md, none with --quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); on a machine busy with "
+                        "other jobs, 1 avoids threads spinning against each other")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     size = QUICK if args.quick else FULL
     out = args.out or (None if args.quick else ROOT / "bench" / "results.md")
     rows: list[Row] = []
