@@ -190,3 +190,27 @@ def test_optimizer_with_schedule_resumes_bit_identically(optimizer, scheduler, t
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
         assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_shipped_settings_reduce_a_loss(optimizer, tmp_path):
+    """Each conf/optimizer option, as shipped (its lr, with a short warmup), learns a regression."""
+    import hydra.utils
+
+    cfg = compose_config([f"optimizer={optimizer}", "scheduler=cosine", "scheduler.warmup_steps=5"],
+                         tmp_path / "run", tmp_path / "cache", tiny=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 8))
+    x = torch.randn(256, 16)
+    y = torch.sin(x[:, :8] * 2) + x[:, 8:]  # learnable, not linear
+    opt = hydra.utils.instantiate(cfg.optimizer)(split_weight_decay(model, 0.1))
+    sched = hydra.utils.instantiate(cfg.scheduler)(opt, total_steps=60)
+    losses = []
+    for _ in range(60):
+        loss = nn.functional.mse_loss(model(x), y)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert losses[-1] < 0.7 * losses[0], losses[::10]
