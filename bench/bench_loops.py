@@ -18,6 +18,7 @@ train that same task's backbone:
 from __future__ import annotations
 
 import itertools
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -66,10 +67,10 @@ class _Clock(L.Callback):
     """End of the first training step and of the last one."""
 
     def __init__(self):
-        self.first = self.last = 0.0
+        self.first = self.last = (0.0, 0.0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.last = time.perf_counter()
+        self.last = (time.perf_counter(), time.process_time())
         if batch_idx == 0:
             self.first = self.last
 
@@ -97,13 +98,13 @@ def rows(size: Size) -> list[Row]:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-        def raw_loop(batches) -> float:
+        def raw_loop(batches) -> tuple[float, float]:
             it = iter(batches)
             raw_step(next(it))
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for batch in itertools.islice(it, size.steps):
                 raw_step(batch)
-            return time.perf_counter() - start
+            return time.perf_counter() - start, time.process_time() - start_cpu
 
         def lightning() -> float:
             clock = _Clock()
@@ -113,10 +114,10 @@ def rows(size: Size) -> list[Row]:
             trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks,
                                           logger=build_list(cfg.logger, "logger") or False)
             trainer.fit(task, datamodule=dm)
-            return clock.last - clock.first
+            return clock.last[0] - clock.first[0], clock.last[1] - clock.first[1]
 
         resident = list(itertools.islice(dm.train_dataloader(), steps))
-        measured: dict[str, list[float]] = {}
+        measured: dict[str, list[tuple[float, float]]] = {}
 
         def timed(name, fn):
             return lambda: measured.setdefault(name, []).append(fn())
@@ -127,12 +128,14 @@ def rows(size: Size) -> list[Row]:
                     size.repeats)
     # interleaved() times whole calls (with set-up); the medians of the in-loop times are
     # what compares the loops.
-    median = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in measured.items()}
-    per_step = {k: v / size.steps for k, v in median.items()}
+    per_step = {k: statistics.median(w for w, _ in v[1:]) / size.steps for k, v in measured.items()}
+    cpu = {k: statistics.median(c for _, c in v[1:]) for k, v in measured.items()}
     return [
         time_row("lightning_vs_raw: lmlab run vs raw PyTorch loop", "s/step, fp32, same module "
                  "and batches (goal: ≥ 0.97x the raw loop's speed)",
-                 per_step["lightning"], per_step["raw"], LIGHTNING_GOAL),
+                 per_step["lightning"], per_step["raw"], LIGHTNING_GOAL,
+                 cpu_ratio=cpu["lightning"] / cpu["raw"]),
         time_row("data_pipeline: real loader vs resident tensors", "s/step, fp32 raw step",
-                 per_step["raw"], per_step["resident"], DATA_GOAL),
+                 per_step["raw"], per_step["resident"], DATA_GOAL,
+                 cpu_ratio=cpu["raw"] / cpu["resident"]),
     ]

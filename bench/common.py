@@ -58,6 +58,7 @@ class Row:
     goal: str
     met: bool | None
     notes: list[str] = field(default_factory=list)
+    cpu_ratio: float | None = None  # the same ratio in process CPU time (steadier under load)
 
     @property
     def ratio(self) -> float:
@@ -65,34 +66,50 @@ class Row:
 
 
 def rate_row(bench: str, what: str, lmlab: float, reference: float, goal: float,
-             notes: list[str] | None = None) -> Row:
+             notes: list[str] | None = None, cpu_ratio: float | None = None) -> Row:
     """Rates (higher is better): met when lmlab / reference >= goal."""
     return Row(bench, what, lmlab, reference, "tok/s", f">= {goal:.2f}x",
-               lmlab / reference >= goal if reference else None, notes or [])
+               lmlab / reference >= goal if reference else None, notes or [], cpu_ratio)
 
 
 def time_row(bench: str, what: str, lmlab: float, reference: float, goal: float,
-             notes: list[str] | None = None) -> Row:
+             notes: list[str] | None = None, cpu_ratio: float | None = None) -> Row:
     """Times (lower is better): met when lmlab / reference <= goal."""
     return Row(bench, what, lmlab, reference, "s", f"<= {goal:.2f}x",
-               lmlab / reference <= goal if reference else None, notes or [])
+               lmlab / reference <= goal if reference else None, notes or [], cpu_ratio)
+
+
+# Process CPU seconds (all threads) of the last `interleaved` call's variants: on a machine
+# shared with other jobs, wall time includes waiting for a core and CPU time does not.
+LAST_CPU: dict[str, float] = {}
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int,
                 warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each variant over `repeats` interleaved calls, after `warmup`
-    untimed calls each (compilation, allocator, caches)."""
+    """Median wall seconds of each variant over `repeats` interleaved calls, after `warmup`
+    untimed calls each (compilation, allocator, caches); median CPU seconds in `LAST_CPU`."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
             variants[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             variants[name]()
+            cpu[name].append(time.process_time() - start_cpu)
             times[name].append(time.perf_counter() - start)
+    LAST_CPU.clear()
+    LAST_CPU.update({name: statistics.median(values) for name, values in cpu.items()})
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def cpu_speedup(reference: str = "hf", lmlab: str = "lmlab") -> float | None:
+    """reference CPU time / lmlab CPU time of the last `interleaved` call (a rate ratio)."""
+    if not LAST_CPU.get(lmlab):
+        return None
+    return LAST_CPU[reference] / LAST_CPU[lmlab]
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -107,12 +124,13 @@ def causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| bench | comparison | lmlab | reference | ratio | goal | met |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| bench | comparison | lmlab | reference | ratio | ratio in CPU time | goal | met |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = (lambda v: f"{v:,.0f} tok/s") if r.unit == "tok/s" else (lambda v: f"{v:.4f} s")
         met = "—" if r.met is None else ("yes" if r.met else "no")
         what = r.what + (f" ({'; '.join(r.notes)})" if r.notes else "")
+        cpu = "—" if r.cpu_ratio is None else f"{r.cpu_ratio:.2f}x"
         lines.append(f"| {r.bench} | {what} | {fmt(r.lmlab)} | {fmt(r.reference)} | "
-                     f"{r.ratio:.2f}x | {r.goal} | {met} |")
+                     f"{r.ratio:.2f}x | {cpu} | {r.goal} | {met} |")
     return "\n".join(lines)

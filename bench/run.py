@@ -69,7 +69,8 @@ def _tokenizers(size: Size, quick: bool) -> list[Row]:
             r = bt.bench(kind, tokenizer, text, 2 if quick else 5)
             rows.append(time_row("tokenizers: lmlab pipeline vs the library", f"{kind}, "
                                  f"{len(text.encode()) / 2**20:.2f} MiB", r["pipeline"], r["raw"],
-                                 1.1, [] if r["exact"] else ["ids differ at chunk cuts"]))
+                                 1.1, [] if r["exact"] else ["ids differ at chunk cuts"],
+                                 r["pipeline_cpu"] / max(r["raw_cpu"], 1e-9)))
     return rows
 
 
