@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lmlab.data.collate import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class Size:
@@ -119,8 +121,12 @@ def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy as lmlab's clm task computes it (fp32 logits)."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+    """Next-token cross-entropy as lmlab's clm task computes it: fp32 logits of every
+    position against labels shifted by the collator (the last one ignored). Shifting the
+    labels rather than slicing the logits saves a copy of the logits and, in backward, a
+    zero-filled gradient of their size (~4 % of an fp32 step at the bench dimensions)."""
+    labels = torch.cat((ids[:, 1:], ids.new_full((ids.shape[0], 1), IGNORE_INDEX)), dim=1)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def markdown(rows: list[Row]) -> str:
