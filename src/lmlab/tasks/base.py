@@ -8,6 +8,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
@@ -197,6 +199,17 @@ class LMTask(L.LightningModule):
         shard = getattr(self.trainer.strategy, "shard_module", None) if self._trainer is not None else None
         if shard is not None:
             shard(self)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and type(plugin) is MixedPrecision and plugin.scaler is None:
+            # bf16 autocast has no loss scaler, so there is nothing to unscale; Lightning's AMP
+            # plugin still refuses to clip for fused optimizers (fused AdamW is the default), as
+            # if a GradScaler were in play. Clip as the plain-precision plugin does.
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(split_weight_decay(self, self.weight_decay))
