@@ -76,6 +76,26 @@ def test_nonfinite_skip_policy_drops_the_step_and_goes_on(make_cfg, monkeypatch)
     assert record["metrics"]["train/skipped_steps"] == 1.0
 
 
+class SigtermDuringValidation(L.Callback):
+    """What a preemption signal looks like when it lands while the run is validating."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.state.fn == "fit" and trainer.global_step == 3:
+            trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+
+
+def test_sigterm_during_validation_saves_the_finished_steps(make_cfg, monkeypatch):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    cfg = make_cfg([*STEPS, "trainer.limit_val_batches=2"])
+    _inject(monkeypatch, [SigtermDuringValidation()])
+    with pytest.raises(SIGTERMException):
+        run(cfg)
+    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 3  # not the periodic save at step 2
+    assert read_record(cfg.paths.output_dir)["status"] == "preempted"
+
+
 def test_interrupted_write_leaves_the_previous_checkpoint(make_cfg, monkeypatch):
     cfg = make_cfg(STEPS)
     run(cfg)

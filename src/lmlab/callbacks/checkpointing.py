@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("lmlab")
 
@@ -136,6 +137,16 @@ class ResumeCheckpoint(L.Callback):
             if getattr(trainer, "received_sigterm", False):
                 log.warning("SIGTERM: saved %s at step %d; rerun the same command to resume",
                             self.last_path, trainer.global_step)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # A SIGTERM that lands outside a training batch (during validation, say) stops the loop
+        # before on_train_batch_end could save: save the finished steps now. One process only:
+        # sharded saves are collective, and other ranks may not be here.
+        if (isinstance(exception, SIGTERMException) and trainer.state.fn == "fit"
+                and trainer.world_size == 1 and trainer.global_step not in (0, self._saved_step)):
+            self.save(trainer, pl_module)
+            log.warning("SIGTERM: saved %s at step %d; rerun the same command to resume",
+                        self.last_path, trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._saved_step:

@@ -6,15 +6,19 @@ into the run directory and says how to upload later with `wandb sync`.
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 
 from lmlab.errors import ConfigError
+
+# lmlab's own logger: runs switch off the propagation of Lightning's, which would hide this.
+log = logging.getLogger("lmlab")
 
 MODES = ("auto", "online", "offline", "disabled")
 
@@ -65,8 +69,8 @@ def build_wandb_logger(
     group = group or sweep_group
     tags = [*(tags or []), *override_tags][:64]  # W&B caps the number of tags
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    if mode == "offline":
-        rank_zero_info(
+    if mode == "offline" and rank_zero_only.rank == 0:
+        log.info(
             f"W&B: no login found, logging offline to {save_dir}/wandb. "
             f"Upload later with: wandb sync {save_dir}/wandb/offline-run-*"
         )
