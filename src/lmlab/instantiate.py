@@ -3,7 +3,9 @@ node is a ConfigError naming `<group>.<key>` and the valid keys, before anything
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import hydra.utils
@@ -68,3 +70,17 @@ def instantiate_checked(node: DictConfig | dict, group: str, **kwargs: Any) -> A
                 raise ConfigError(group, node.get("_target_"), reason=f"{type(cause).__name__}: {cause}") from None
             cause = cause.__cause__
         raise
+
+
+def dataclass_from_config(cls: type, cfg: Mapping[str, Any], group: str, method: str) -> Any:
+    """Build a method dataclass (a PEFT strategy, a compression) from its config node, naming an
+    unknown field as `<group>.<field>`; `method` is the node's selector, not a field."""
+    valid = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in cfg.items():
+        if key == "method":
+            continue
+        if key not in valid:
+            raise ConfigError(f"{group}.{key}", value, sorted(valid), f"{group}={method} has no such field")
+        kwargs[key] = value
+    return cls(**kwargs)

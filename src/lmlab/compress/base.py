@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.instantiate import dataclass_from_config
 
 
 def check_choice(field: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -73,15 +74,7 @@ class Compression(ABC):
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> Compression:
-        valid = {f.name for f in fields(cls)}
-        kwargs = {}
-        for key, value in cfg.items():
-            if key == "method":
-                continue
-            if key not in valid:
-                raise ConfigError(f"compress.{key}", value, sorted(valid), f"compress={cls.method} has no such field")
-            kwargs[key] = value
-        return cls(**kwargs)
+        return dataclass_from_config(cls, cfg, "compress", cls.method)
 
 
 @dataclass

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lmlab.errors import ConfigError
+from lmlab.instantiate import dataclass_from_config
 
 
 def logical_numel(param: torch.Tensor) -> int:
@@ -79,12 +79,4 @@ class PeftStrategy(ABC):
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> PeftStrategy:
-        valid = {f.name for f in fields(cls)}
-        kwargs = {}
-        for key, value in cfg.items():
-            if key == "method":
-                continue
-            if key not in valid:
-                raise ConfigError(f"peft.{key}", value, sorted(valid), f"peft={cls.method} has no such field")
-            kwargs[key] = value
-        return cls(**kwargs)
+        return dataclass_from_config(cls, cfg, "peft", cls.method)
