@@ -46,7 +46,7 @@ def _check(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
 
 
 def _compare(size: Size, name: str, lmlab, hf, lmlab_step, hf_step, tokens: int,
-             diff: float) -> Row:
+             diff: float, device: torch.device | str = "cpu") -> Row:
     optimizers = {k: adamw(m) for k, m in (("lmlab", lmlab), ("hf", hf))}
     steps = {"lmlab": lmlab_step, "hf": hf_step}
 
@@ -56,13 +56,13 @@ def _compare(size: Size, name: str, lmlab, hf, lmlab_step, hf_step, tokens: int,
             optimizers[side].step()
             optimizers[side].zero_grad(set_to_none=True)
 
-    times = interleaved({k: (lambda k=k: run(k)) for k in steps}, size.repeats)
+    times = interleaved({k: (lambda k=k: run(k)) for k in steps}, size.repeats, device=device)
     tok = {k: tokens * size.steps / t for k, t in times.items()}
     return rate_row(name, "training tok/s, fp32 eager", tok["lmlab"], tok["hf"], GOAL,
                     [f"outputs equal to {diff:.0e}"], cpu_speedup())
 
 
-def bert_row(size: Size) -> Row:
+def bert_row(size: Size, device: torch.device | str = "cpu") -> Row:
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
@@ -71,13 +71,13 @@ def bert_row(size: Size) -> Row:
         num_attention_heads=size.n_heads, intermediate_size=size.d_ff,
         max_position_embeddings=size.seq_len, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0)).train()
-    lmlab = _imported(hf).train()
-    ids = torch.randint(6, size.vocab, (size.batch, size.seq_len))
+    lmlab, hf = _imported(hf).train().to(device), hf.to(device)
+    ids = torch.randint(6, size.vocab, (size.batch, size.seq_len), device=device)
     mask = torch.ones_like(ids)
     with torch.no_grad():
         diff = _check(lmlab.mlm_logits(lmlab(ids, mask)), hf(ids, attention_mask=mask).logits,
                       "bert")
-    chosen = torch.rand(ids.shape) < 0.15
+    chosen = torch.rand(ids.shape, device=device) < 0.15
     labels = torch.where(chosen, ids, -100)
 
     def lmlab_step():
@@ -89,10 +89,10 @@ def bert_row(size: Size) -> Row:
         return hf(ids, attention_mask=mask, labels=labels).loss
 
     return _compare(size, "bert vs BertForMaskedLM", lmlab, hf, lmlab_step, hf_step,
-                    size.tokens, diff)
+                    size.tokens, diff, device)
 
 
-def t5_row(size: Size) -> Row:
+def t5_row(size: Size, device: torch.device | str = "cpu") -> Row:
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
@@ -101,9 +101,9 @@ def t5_row(size: Size) -> Row:
         d_ff=size.d_ff, num_layers=size.n_layers, num_decoder_layers=size.n_layers,
         num_heads=size.n_heads, feed_forward_proj="gated-silu", dropout_rate=0.0,
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).train()
-    lmlab = _imported(hf).train()
-    src = torch.randint(6, size.vocab, (size.batch, size.seq_len))
-    tgt = torch.randint(6, size.vocab, (size.batch, size.seq_len + 1))
+    lmlab, hf = _imported(hf).train().to(device), hf.to(device)
+    src = torch.randint(6, size.vocab, (size.batch, size.seq_len), device=device)
+    tgt = torch.randint(6, size.vocab, (size.batch, size.seq_len + 1), device=device)
     tgt_in, tgt_out = tgt[:, :-1].contiguous(), tgt[:, 1:].contiguous()
     src_mask = torch.ones_like(src)
     with torch.no_grad():
@@ -120,8 +120,8 @@ def t5_row(size: Size) -> Row:
                   labels=tgt_out).loss
 
     return _compare(size, "t5 vs T5ForConditionalGeneration", lmlab, hf, lmlab_step, hf_step,
-                    2 * size.tokens, diff)
+                    2 * size.tokens, diff, device)
 
 
-def rows(size: Size) -> list[Row]:
-    return [bert_row(size), t5_row(size)]
+def rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
+    return [bert_row(size, device), t5_row(size, device)]

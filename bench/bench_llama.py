@@ -6,24 +6,35 @@ The lmlab backbone is built, exported with `lmlab.models.hf.export_hf` and loade
 - train: tokens/s of a full training step (forward, fp32 cross-entropy, backward, fused AdamW
   on both sides: the default of lmlab and of the HF Trainer) in fp32 and bf16 autocast, both
   eager (both use SDPA) and both under `torch.compile` (the step's model call; lmlab's
-  `model.compile=true` does the same). HF computes its loss the way its users call it
-  (`labels=`).
+  `model.compile=true` does the same). lmlab computes its loss with the clm task's
+  `causal_lm_loss` (the backbone's fused output layer + cross-entropy), HF the way its users
+  call it (`labels=`); the two losses are checked equal first.
 - generate: greedy decoding with a KV cache, `lmlab.models.generation.generate` vs
   `LlamaForCausalLM.generate` (no early stop), tokens/s of new tokens; the tokens are compared.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 
 import torch
 
-from bench.common import Row, Size, adamw, causal_lm_loss, cpu_speedup, interleaved, rate_row
+from bench.common import (
+    Row,
+    Size,
+    adamw,
+    autocast,
+    cpu_speedup,
+    emulated_bf16,
+    interleaved,
+    rate_row,
+    shifted_labels,
+)
 from lmlab.models import ModelConfig, build_backbone
 from lmlab.models.generation import generate
 from lmlab.models.hf import export_hf
+from lmlab.tasks.clm import causal_lm_loss
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 EAGER_GOAL, COMPILED_GOAL, GENERATE_GOAL = 1.05, 1.10, 1.2
@@ -38,8 +49,10 @@ def gqa_config(size: Size) -> ModelConfig:
                                                              size.gen_prompt + size.gen_new))
 
 
-def llama_pair(size: Size) -> tuple[torch.nn.Module, torch.nn.Module, float]:
-    """(lmlab backbone, LlamaForCausalLM with the same weights, max |logit difference|)."""
+def llama_pair(size: Size, device: torch.device | str = "cpu"
+               ) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+    """(lmlab backbone, LlamaForCausalLM with the same weights, max |logit difference|), both
+    on `device`."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -47,8 +60,10 @@ def llama_pair(size: Size) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     lmlab = build_backbone(config)
     with tempfile.TemporaryDirectory() as directory:
         export_hf(lmlab, config, directory)
-        hf = LlamaForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
-    ids = torch.randint(0, size.vocab, (2, min(size.seq_len, 64)))
+        hf = LlamaForCausalLM.from_pretrained(directory, attn_implementation="sdpa",
+                                              dtype=torch.float32)
+    lmlab, hf = lmlab.to(device), hf.to(device)
+    ids = torch.randint(0, size.vocab, (2, min(size.seq_len, 64)), device=device)
     with torch.no_grad():
         diff = (lmlab(ids) - hf(ids).logits).abs().max().item()
     if diff > 1e-3:
@@ -56,43 +71,56 @@ def llama_pair(size: Size) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     return lmlab.train(), hf.train(), diff
 
 
-def _train_step(model, ids, optimizer, dtype, hf: bool) -> None:
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16"
-                else contextlib.nullcontext())
-    with autocast:
-        loss = model(input_ids=ids, labels=ids).loss if hf else causal_lm_loss(model(ids), ids)
-    loss.backward()
+def _loss(model, ids, labels, dtype: str, hf: bool) -> torch.Tensor:
+    """One side's training loss: HF through `labels=`, lmlab through the clm task's function
+    (`model` is the backbone or its compiled module, as in a `model.compile=true` run)."""
+    with autocast(ids.device, dtype):
+        return model(input_ids=ids, labels=ids).loss if hf else causal_lm_loss(model, ids, labels)
+
+
+def _train_step(model, ids, labels, optimizer, dtype, hf: bool) -> None:
+    _loss(model, ids, labels, dtype, hf).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_rows(size: Size, compiled: bool = True) -> list[Row]:
+def train_rows(size: Size, compiled: bool = True, device: torch.device | str = "cpu") -> list[Row]:
     """Eager rows, then (with `compiled`) the compiled ones; `--quick` leaves compilation
     out (minutes of inductor codegen on a 2-core machine)."""
-    lmlab, hf, diff = llama_pair(size)
-    ids = torch.randint(0, size.vocab, (size.batch, size.seq_len))
+    lmlab, hf, diff = llama_pair(size, device)
+    ids = torch.randint(0, size.vocab, (size.batch, size.seq_len), device=device)
+    labels = shifted_labels(ids)
+    with torch.no_grad():
+        loss_diff = (_loss(lmlab, ids, labels, "fp32", False)
+                     - _loss(hf, ids, labels, "fp32", True)).abs().item()
+    if loss_diff > 1e-4:
+        raise AssertionError(f"lmlab and HF Llama losses differ by {loss_diff}")
     optimizers = {name: adamw(m) for name, m in (("lmlab", lmlab), ("hf", hf))}
-    # Without native bf16 (AVX512-BF16/AMX) a CPU emulates it, ~8x slower than fp32 here:
-    # fewer steps and repeats keep `make bench` within minutes.
-    emulated = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    emulated = emulated_bf16(device)
+    cpu = torch.device(device).type == "cpu"
     rows = []
     for mode in ("eager", "compiled") if compiled else ("eager",):
         models = {"lmlab": lmlab, "hf": hf}
         if mode == "compiled":
             models = {name: torch.compile(m) for name, m in models.items()}
         for dtype in ("fp32", "bf16"):
-            slow = dtype == "bf16" and emulated
+            # On a CPU without native bf16 (emulated, ~8x slower than fp32 here) and for the
+            # compiled rows (minutes of codegen per side on 2 cores) fewer steps and repeats
+            # keep `make bench` within minutes.
+            slow = cpu and (mode == "compiled" or (dtype == "bf16" and emulated))
             steps, repeats = (1, min(3, size.repeats)) if slow else (size.steps, size.repeats)
 
             def run(name, models=models, dtype=dtype, steps=steps):
                 for _ in range(steps):
-                    _train_step(models[name], ids, optimizers[name], dtype, name == "hf")
+                    _train_step(models[name], ids, labels, optimizers[name], dtype, name == "hf")
             times = interleaved({n: (lambda n=n: run(n)) for n in models}, repeats,
-                                warmup=2 if mode == "compiled" else 1)
+                                warmup=2 if mode == "compiled" else 1, device=device)
             tok = {n: size.tokens * steps / t for n, t in times.items()}
-            notes = [f"logits equal to {diff:.0e}"] if not rows else []
+            notes = [f"logits equal to {diff:.0e}, losses to {loss_diff:.0e}"] if not rows else []
             if slow:
-                notes.append(f"CPU without native bf16: emulated; {repeats} repeats of 1 step")
+                why = "CPU without native bf16: emulated" if dtype == "bf16" and emulated else \
+                    "compiled on CPU"
+                notes.append(f"{why}; {repeats} repeats of 1 step")
             rows.append(rate_row("train: gqa vs LlamaForCausalLM", f"{dtype} {mode}", tok["lmlab"],
                                  tok["hf"], COMPILED_GOAL if mode == "compiled" else EAGER_GOAL,
                                  notes, cpu_speedup()))
@@ -100,10 +128,10 @@ def train_rows(size: Size, compiled: bool = True) -> list[Row]:
     return rows
 
 
-def generate_rows(size: Size) -> list[Row]:
-    lmlab, hf, _ = llama_pair(size)
+def generate_rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
+    lmlab, hf, _ = llama_pair(size, device)
     lmlab.eval(), hf.eval()
-    prompt = torch.randint(6, size.vocab, (size.batch, size.gen_prompt))
+    prompt = torch.randint(6, size.vocab, (size.batch, size.gen_prompt), device=device)
     mask = torch.ones_like(prompt)
     n = size.gen_new
     out: dict[str, torch.Tensor] = {}
@@ -117,7 +145,7 @@ def generate_rows(size: Size) -> list[Row]:
                                do_sample=False, pad_token_id=0, eos_token_id=None)
         out["hf"] = full[:, prompt.shape[1]:]
 
-    times = interleaved({"lmlab": run_lmlab, "hf": run_hf}, size.repeats)
+    times = interleaved({"lmlab": run_lmlab, "hf": run_hf}, size.repeats, device=device)
     same = (out["lmlab"] == out["hf"]).float().mean().item()
     tok = {k: size.batch * n / t for k, t in times.items()}
     return [rate_row("generate: KV-cache greedy vs LlamaForCausalLM.generate",

@@ -7,9 +7,10 @@ callbacks and CSV logger) and assembled with `lmlab.assemble.build_parts`; both 
 train that same task's backbone:
 
 - lightning_vs_raw: `Trainer.fit` with the run's callbacks and logger vs a plain loop doing
-  what the clm task does (forward, fp32 cross-entropy on the labels, backward, gradient
-  clipping at `trainer.gradient_clip_val`, the run's optimizer and schedule), both reading
-  the run's DataLoader. Timed from the end of the first step to the end of the last, so fit
+  what a hand-written loop does for the clm objective (logits, fp32 cross-entropy on the
+  labels, backward, gradient clipping at `trainer.gradient_clip_val`, the run's optimizer and
+  schedule), both reading the run's DataLoader. (The task's fused output layer + loss is
+  part of what lmlab brings.) Timed from the end of the first step to the end of the last, so fit
   start-up (and the end-of-run checkpoint) is not counted; ratio = lmlab time / raw time.
 - data_pipeline: the raw step fed by the run's DataLoader (memory-mapped token windows,
   step-seeded sampler, collation) vs the same step on batches collected beforehand.
@@ -30,7 +31,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import open_dict
 
-from bench.common import Row, Size, interleaved, time_row
+from bench.common import Row, Size, interleaved, synchronize, time_row
 from lmlab.assemble import build_parts
 from lmlab.data.collate import IGNORE_INDEX
 from lmlab.instantiate import instantiate_checked
@@ -42,8 +43,11 @@ CORPUS = (ROOT / ".." / "shared" / "data" / "tinystories" / "train_sample_2MiB.t
 LIGHTNING_GOAL, DATA_GOAL = 1 / 0.97, 1.02
 
 
-def compose_run(size: Size, out: Path, steps: int):
-    overrides = [
+def compose_run(size: Size, out: Path, steps: int, device: torch.device | str = "cpu"):
+    device = torch.device(device)
+    on_device = ([] if device.type == "cpu" else
+                 ["trainer.accelerator=gpu", f"trainer.devices=[{device.index or 0}]"])
+    overrides = on_device + [
         "model=gqa", f"model.d_model={size.d_model}", f"model.n_layers={size.n_layers}",
         f"model.n_heads={size.n_heads}", f"model.n_kv_heads={size.n_kv_heads}",
         f"model.d_ff={size.d_ff}", f"model.max_seq_len={size.seq_len}",
@@ -70,15 +74,17 @@ class _Clock(L.Callback):
         self.first = self.last = (0.0, 0.0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        synchronize(pl_module.device)
         self.last = (time.perf_counter(), time.process_time())
         if batch_idx == 0:
             self.first = self.last
 
 
-def rows(size: Size) -> list[Row]:
+def rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
     steps = size.steps + 1  # the first step (iterator start, warm-up) is not timed
+    device = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_run(size, Path(tmp) / "run", steps)
+        cfg = compose_run(size, Path(tmp) / "run", steps, device)
         L.seed_everything(0, verbose=False)
         parts = build_parts(cfg)
         task, dm = parts.task, parts.datamodule
@@ -88,8 +94,11 @@ def rows(size: Size) -> list[Row]:
         clip = cfg.trainer.gradient_clip_val
 
         def raw_step(batch):
-            logits = backbone(batch["input_ids"])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
+            # What a hand-written loop would do: logits, then fp32 cross-entropy.
+            ids = batch["input_ids"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            logits = backbone(ids)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                    ignore_index=IGNORE_INDEX)
             loss.backward()
             if clip:
@@ -99,11 +108,16 @@ def rows(size: Size) -> list[Row]:
             optimizer.zero_grad(set_to_none=True)
 
         def raw_loop(batches) -> tuple[float, float]:
+            # Lightning's teardown moves the module back to the CPU after each fit; moving it
+            # in place keeps the optimizer's parameters the same objects.
+            backbone.to(device)
             it = iter(batches)
             raw_step(next(it))
+            synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             for batch in itertools.islice(it, size.steps):
                 raw_step(batch)
+            synchronize(device)
             return time.perf_counter() - start, time.process_time() - start_cpu
 
         def lightning() -> float:
@@ -125,17 +139,18 @@ def rows(size: Size) -> list[Row]:
         interleaved({"lightning": timed("lightning", lightning),
                      "raw": timed("raw", lambda: raw_loop(dm.train_dataloader())),
                      "resident": timed("resident", lambda: raw_loop(resident))},
-                    size.repeats)
+                    size.repeats, device=device)
     # interleaved() times whole calls (with set-up); the medians of the in-loop times are
     # what compares the loops.
     per_step = {k: statistics.median(w for w, _ in v[1:]) / size.steps for k, v in measured.items()}
     cpu = {k: statistics.median(c for _, c in v[1:]) for k, v in measured.items()}
+    on_cpu = device.type == "cpu"  # CPU time means nothing while the host waits for a GPU
     return [
         time_row("lightning_vs_raw: lmlab run vs raw PyTorch loop", "s/step, fp32, same module "
                  "and batches (goal: ≥ 0.97x the raw loop's speed)",
                  per_step["lightning"], per_step["raw"], LIGHTNING_GOAL,
-                 cpu_ratio=cpu["lightning"] / cpu["raw"]),
+                 cpu_ratio=cpu["lightning"] / cpu["raw"] if on_cpu else None),
         time_row("data_pipeline: real loader vs resident tensors", "s/step, fp32 raw step",
                  per_step["raw"], per_step["resident"], DATA_GOAL,
-                 cpu_ratio=cpu["raw"] / cpu["resident"]),
+                 cpu_ratio=cpu["raw"] / cpu["resident"] if on_cpu else None),
     ]

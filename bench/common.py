@@ -8,13 +8,13 @@ and reference-relative time where the goal is about overhead (said in the row).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from lmlab.data.collate import IGNORE_INDEX
 
@@ -46,6 +46,32 @@ FULL = Size(n_layers=6, d_model=384, n_heads=6, n_kv_heads=2, d_ff=1024, vocab=8
             seq_len=256, repeats=5, steps=2, gen_prompt=32, gen_new=64)
 QUICK = Size(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab=512, batch=2,
              seq_len=32, repeats=2, steps=1, gen_prompt=8, gen_new=8)
+# `--size gpu`: the CPU dimensions keep an H100 mostly idle (launch overhead dominates), so a
+# GPT-2-small-sized model (the issue's MFU check: 12 layers, d_model 768, 12 heads, T = 1024)
+# with GQA (4 KV heads), a Llama-sized vocabulary and more steps per repeat.
+GPU = Size(n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_ff=2048, vocab=32768, batch=16,
+           seq_len=1024, repeats=5, steps=10, gen_prompt=128, gen_new=128)
+SIZES = {"cpu": FULL, "quick": QUICK, "gpu": GPU}
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously: without this a timer
+    measures the launches, not the work)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device | str, dtype: str):
+    """bf16 autocast on `device` for dtype "bf16", nothing for "fp32"."""
+    device = torch.device(device)
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def emulated_bf16(device: torch.device | str) -> bool:
+    """A CPU without AVX512-BF16/AMX emulates bf16 (~8x slower than fp32 here)."""
+    return torch.device(device).type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @dataclass
@@ -87,28 +113,36 @@ LAST_CPU: dict[str, float] = {}
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int,
-                warmup: int = 1) -> dict[str, float]:
+                warmup: int = 1, device: torch.device | str | None = None) -> dict[str, float]:
     """Median wall seconds of each variant over `repeats` interleaved calls, after `warmup`
-    untimed calls each (compilation, allocator, caches); median CPU seconds in `LAST_CPU`."""
+    untimed calls each (compilation, allocator, caches); median CPU seconds in `LAST_CPU`.
+
+    On a CUDA `device` every timed call starts and ends with a synchronisation, and no CPU
+    time is kept (the host mostly waits for the GPU there, so its CPU time says nothing)."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
             variants[name]()
+    synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
+            synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             variants[name]()
+            synchronize(device)
             cpu[name].append(time.process_time() - start_cpu)
             times[name].append(time.perf_counter() - start)
     LAST_CPU.clear()
-    LAST_CPU.update({name: statistics.median(values) for name, values in cpu.items()})
+    if device is None or torch.device(device).type == "cpu":
+        LAST_CPU.update({name: statistics.median(values) for name, values in cpu.items()})
     return {name: statistics.median(values) for name, values in times.items()}
 
 
 def cpu_speedup(reference: str = "hf", lmlab: str = "lmlab") -> float | None:
-    """reference CPU time / lmlab CPU time of the last `interleaved` call (a rate ratio)."""
+    """reference CPU time / lmlab CPU time of the last `interleaved` call (a rate ratio);
+    None when it kept none (a CUDA run)."""
     if not LAST_CPU.get(lmlab):
         return None
     return LAST_CPU[reference] / LAST_CPU[lmlab]
@@ -120,13 +154,11 @@ def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
 
-def causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy as lmlab's clm task computes it: fp32 logits of every
-    position against labels shifted by the collator (the last one ignored). Shifting the
-    labels rather than slicing the logits saves a copy of the logits and, in backward, a
-    zero-filled gradient of their size (~4 % of an fp32 step at the bench dimensions)."""
-    labels = torch.cat((ids[:, 1:], ids.new_full((ids.shape[0], 1), IGNORE_INDEX)), dim=1)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+def shifted_labels(ids: torch.Tensor) -> torch.Tensor:
+    """What lmlab's collators give for a window `ids`: position t predicts ids[t + 1], the last
+    position predicts nothing (IGNORE_INDEX), so both sides score the same T - 1 tokens
+    (HF's `labels=ids` shifts the same way inside the model)."""
+    return torch.cat((ids[:, 1:], ids.new_full((ids.shape[0], 1), IGNORE_INDEX)), dim=1)
 
 
 def markdown(rows: list[Row]) -> str:

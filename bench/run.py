@@ -3,6 +3,7 @@
     python -m bench.run                     # CPU dimensions (6 layers, d_model 384, ...), writes bench/results.md
     python -m bench.run --quick             # tiny sizes, a check that everything runs (CI)
     python -m bench.run --only train generate
+    python -m bench.run --device cuda --size gpu   # on a GPU, at a GPU-sized model
 
 Each comparison is measured side by side in this one process (interleaved repeats, median;
 see bench/common.py). Numbers depend on the machine and on what else runs on it: the header
@@ -26,35 +27,36 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` as well as `python -m ben
 
 import torch  # noqa: E402
 
-from bench.common import FULL, QUICK, Row, Size, markdown, time_row  # noqa: E402
+from bench.common import SIZES, Row, Size, markdown, time_row  # noqa: E402
 
 
-def _train(size: Size, quick: bool) -> list[Row]:
+def _train(size: Size, quick: bool, device: torch.device) -> list[Row]:
     from bench.bench_llama import train_rows
 
-    return train_rows(size, compiled=not quick)
+    return train_rows(size, compiled=not quick, device=device)
 
 
-def _generate(size: Size, quick: bool) -> list[Row]:
+def _generate(size: Size, quick: bool, device: torch.device) -> list[Row]:
     from bench.bench_llama import generate_rows
 
-    return generate_rows(size)
+    return generate_rows(size, device)
 
 
-def _loops(size: Size, quick: bool) -> list[Row]:
+def _loops(size: Size, quick: bool, device: torch.device) -> list[Row]:
     from bench.bench_loops import rows
 
-    return rows(size)
+    return rows(size, device)
 
 
-def _encoders(size: Size, quick: bool) -> list[Row]:
+def _encoders(size: Size, quick: bool, device: torch.device) -> list[Row]:
     from bench.bench_encoders import rows
 
-    return rows(size)
+    return rows(size, device)
 
 
-def _tokenizers(size: Size, quick: bool) -> list[Row]:
-    """bench_tokenizers.py's comparison (pipeline / raw library call, wall time)."""
+def _tokenizers(size: Size, quick: bool, device: torch.device) -> list[Row]:
+    """bench_tokenizers.py's comparison (pipeline / raw library call, wall time); tokenizers
+    run on the CPU whatever the device."""
     import tempfile
 
     from bench import bench_tokenizers as bt
@@ -74,7 +76,7 @@ def _tokenizers(size: Size, quick: bool) -> list[Row]:
     return rows
 
 
-BENCHES: dict[str, Callable[[Size, bool], list[Row]]] = {
+BENCHES: dict[str, Callable[[Size, bool, torch.device], list[Row]]] = {
     "train": _train,          # 1. gqa vs LlamaForCausalLM, fp32/bf16, eager/compiled
     "loops": _loops,          # 2. Lightning vs raw loop, 4. data pipeline vs resident
     "generate": _generate,    # 3. KV-cache greedy vs HF generate
@@ -83,37 +85,73 @@ BENCHES: dict[str, Callable[[Size, bool], list[Row]]] = {
 }
 
 
-def header(size: Size, quick: bool) -> str:
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return (f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs, "
+            f"{torch.get_num_threads()} torch threads)")
+
+
+def header(size: Size, size_name: str, device: torch.device) -> str:
+    what = {"quick": "quick sizes", "cpu": "CPU dimensions", "gpu": "GPU dimensions"}[size_name]
     return (f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on "
-            f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs, "
-            f"{torch.get_num_threads()} torch threads), torch {torch.__version__}; "
-            f"{'quick sizes' if quick else 'CPU dimensions'}: {size.n_layers} layers, d_model "
+            f"{device_name(device)}, torch {torch.__version__}; "
+            f"{what}: {size.n_layers} layers, d_model "
             f"{size.d_model}, {size.n_heads} heads ({size.n_kv_heads} KV), FFN {size.d_ff}, vocab "
             f"{size.vocab}, batch {size.batch}x{size.seq_len}; median of {size.repeats} "
             f"interleaved repeats of {size.steps} step(s). Ratio = lmlab / reference.")
 
 
+def resolve_device(name: str) -> torch.device:
+    """`--device`: cpu, cuda or cuda:N; a clear error when CUDA is asked for and absent."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: CUDA is not available here (torch "
+                             f"{torch.__version__}, built with CUDA {torch.version.cuda}); "
+                             "run on a GPU machine or use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA devices")
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None
+                              else device.index)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise SystemExit(f"--device {name}: use cpu or cuda[:N]")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI: checks it runs)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (CI: checks it runs); the same as --size quick")
+    parser.add_argument("--size", choices=list(SIZES), default=None,
+                        help="cpu: the issue's CPU dimensions (default); gpu: a GPT-2-small-sized "
+                        "model for --device cuda; quick: tiny")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda[:N]: models and batches of every bench but "
+                        "tokenizers go there")
     parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
     parser.add_argument("--out", type=Path, default=None,
-                        help="markdown file to write (default: bench/results.md, none with --quick)")
+                        help="markdown file to write (default: bench/results.md on CPU, "
+                        "bench/results_cuda.md on CUDA, none with --quick)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); on a machine busy with "
                         "other jobs, 1 avoids threads spinning against each other")
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = QUICK if args.quick else FULL
-    out = args.out or (None if args.quick else ROOT / "bench" / "results.md")
+    size_name = "quick" if args.quick else (args.size or "cpu")
+    size = SIZES[size_name]
+    default_out = ROOT / "bench" / ("results.md" if device.type == "cpu" else "results_cuda.md")
+    out = args.out or (None if size_name == "quick" else default_out)
     rows: list[Row] = []
     started = time.perf_counter()
     for name in args.only or list(BENCHES):
         t0 = time.perf_counter()
-        rows += BENCHES[name](size, args.quick)
+        rows += BENCHES[name](size, size_name == "quick", device)
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-    text = (f"{header(size, args.quick)} Total {time.perf_counter() - started:.0f} s.\n\n"
+    text = (f"{header(size, size_name, device)} Total {time.perf_counter() - started:.0f} s.\n\n"
             f"{markdown(rows)}\n")
     print(text)
     if out is not None:

@@ -16,6 +16,7 @@ from lmlab.models.cache import KVCache, LayerKVCache, LayerSSMCache
 from lmlab.models.config import ModelConfig
 from lmlab.models.layers.attention import MultiHeadAttention
 from lmlab.models.layers.ffn import build_ffn
+from lmlab.models.layers.fused_cross_entropy import head_cross_entropy
 from lmlab.models.layers.mamba import MambaMixer
 from lmlab.models.layers.mask import build_attention_mask, sliding_window_mask
 from lmlab.models.layers.norm import build_norm
@@ -110,14 +111,32 @@ class DecoderLM(Backbone, PositionScheme):
             if isinstance(module, MambaMixer):
                 module.reset_ssm_parameters()
 
+    # Tasks may pass `labels` to `forward` and get the loss (see there).
+    accepts_labels = True
+
     def forward(
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         cache: KVCache | None = None,
+        labels: Tensor | None = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
     ) -> Tensor:
-        """input_ids [B, T] -> logits [B, T, padded_vocab_size]; arguments as in `hidden`."""
-        return self.lm_head(self.hidden(input_ids, attention_mask, cache))
+        """input_ids [B, T] -> logits [B, T, padded_vocab_size]; arguments as in `hidden`.
+
+        With `labels` [B, T] (already shifted: position t predicts labels[t]), the fp32
+        cross-entropy instead (`reduction` "mean" over non-ignored labels, or "sum"), computed
+        by `head_cross_entropy`, which never materialises the full logits when `lm_head` is a
+        plain Linear. Going through `forward` keeps module hooks (FSDP, DDP) and
+        `torch.compile` of the backbone covering the loss too.
+        """
+        hidden = self.hidden(input_ids, attention_mask, cache)
+        if labels is None:
+            return self.lm_head(hidden)
+        return head_cross_entropy(hidden, self.lm_head, labels, ignore_index, label_smoothing,
+                                  reduction)
 
     def hidden(
         self,

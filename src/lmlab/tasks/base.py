@@ -138,12 +138,15 @@ class LMTask(L.LightningModule):
         compiled = getattr(getattr(backbone, "config", None), "compile", False)
         self.__dict__["_compiled_backbone"] = torch.compile(backbone) if compiled else None
 
-    def run_backbone(self, *args: Any, **kwargs: Any) -> Any:
-        """The backbone call of a step: compiled while training under model.compile."""
+    def step_backbone(self) -> nn.Module:
+        """The backbone module a step calls: the compiled one while training under
+        model.compile (it forwards attribute reads to the backbone)."""
         compiled = self.__dict__.get("_compiled_backbone")
-        if compiled is not None and self.training:
-            return compiled(*args, **kwargs)
-        return self.backbone(*args, **kwargs)
+        return compiled if compiled is not None and self.training else self.backbone
+
+    def run_backbone(self, *args: Any, **kwargs: Any) -> Any:
+        """The backbone call of a step (see `step_backbone`)."""
+        return self.step_backbone()(*args, **kwargs)
 
     # -- training loss with the backbone's auxiliary terms -------------------------------------
     def training_loss(self, loss: Tensor, batch_size: int) -> Tensor:

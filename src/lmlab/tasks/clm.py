@@ -6,15 +6,31 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmlab.data.collate import IGNORE_INDEX
 from lmlab.models.generation import generate
+from lmlab.models.layers.fused_cross_entropy import plain_cross_entropy
 from lmlab.tasks.base import EvalMeters, LMTask, split_weight_decay
 from lmlab.tokenizers import Tokenizer
 
-__all__ = ["CausalLMTask", "split_weight_decay"]
+__all__ = ["CausalLMTask", "causal_lm_loss", "split_weight_decay"]
+
+
+def causal_lm_loss(backbone: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                   label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """fp32 next-token cross-entropy of `backbone` (the step's module: eager or compiled) on
+    `input_ids` against `labels` (shifted by the collator; IGNORE_INDEX where nothing is
+    predicted). Backbones that compute the loss themselves (`accepts_labels`: lmlab's decoder,
+    with its fused output layer + loss) get the labels; others (HF backbones) give logits.
+
+    Batches are right-padded, and a causal model never lets a real token see a later pad, so
+    no attention mask is passed: that keeps attention on the fused is_causal path.
+    """
+    if getattr(backbone, "accepts_labels", False):
+        return backbone(input_ids, labels=labels, ignore_index=IGNORE_INDEX,
+                        label_smoothing=label_smoothing, reduction=reduction)
+    return plain_cross_entropy(backbone(input_ids), labels, IGNORE_INDEX, label_smoothing, reduction)
 
 
 def _normalise(text: str) -> str:
@@ -55,16 +71,8 @@ class CausalLMTask(LMTask):
         return self.run_backbone(input_ids, attention_mask=attention_mask)
 
     def _loss(self, batch: dict, reduction: str = "mean") -> torch.Tensor:
-        # Batches are right-padded, and a causal model never lets a real token see a later pad,
-        # so no mask is needed: that keeps attention on the fused is_causal path.
-        logits = self(batch["input_ids"])
-        return F.cross_entropy(
-            logits.float().flatten(0, 1),
-            batch["labels"].flatten(),
-            ignore_index=IGNORE_INDEX,
-            label_smoothing=self.label_smoothing if reduction == "mean" else 0.0,
-            reduction=reduction,
-        )
+        return causal_lm_loss(self.step_backbone(), batch["input_ids"], batch["labels"],
+                              self.label_smoothing if reduction == "mean" else 0.0, reduction)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
