@@ -13,11 +13,15 @@ how to encode such a piece so that the marker falls into tokens that are then dr
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 CHUNK_CHARS = 1 << 16
+# Pieces per library call: several per core keep every core busy to the end; a bounded group
+# keeps the library's per-token objects (and the id lists) of one call small on a large corpus.
+BATCH_PIECES = max(64, 8 * (os.cpu_count() or 1))
 _BOUNDARY = re.compile(r"(?<=\S\n)(?=\S)")
 
 # Lines that probe whether a pipeline encodes cut pieces like the whole text (see
@@ -33,36 +37,57 @@ class Continuation:
     drop: int = 0
 
 
-def split_text(text: str, size: int | None = None) -> list[str]:
-    """Pieces of about `size` (default CHUNK_CHARS) characters, cut only right after a newline
-    between non-spaces.
+def cut_points(text: str, size: int | None = None) -> list[int]:
+    """Where the pieces after the first start: about every `size` (default CHUNK_CHARS)
+    characters, only right after a newline between non-spaces.
 
     A text without such a newline for a long stretch stays in one longer piece (correct, just
     not parallel there).
     """
     size = size or CHUNK_CHARS
-    pieces, start = [], 0
+    cuts, start = [], 0
     while len(text) - start > size:
         match = _BOUNDARY.search(text, start + size)
         if match is None:
             break
-        pieces.append(text[start : match.start()])
         start = match.start()
-    pieces.append(text[start:])
-    return pieces
+        cuts.append(start)
+    return cuts
 
 
-def encode_pieces(
-    pieces: Sequence[str],
-    encode_batch: Callable[[list[str]], list[Sequence[int]]],
-    continuation: Continuation,
-) -> list[Sequence[int]]:
-    """Encode the pieces of one text as a batch; concatenated, they are the text's ids."""
-    if len(pieces) <= 1 or continuation.prefix == "":
-        return encode_batch(list(pieces))
-    batch = [pieces[0], *(continuation.prefix + p for p in pieces[1:])]
-    encoded = encode_batch(batch)
-    return [encoded[0], *(ids[continuation.drop :] for ids in encoded[1:])]
+def split_text(text: str, size: int | None = None) -> list[str]:
+    """The text cut at `cut_points`; joined, the pieces are the text."""
+    bounds = [0, *cut_points(text, size), len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def continued_pieces(
+    text: str, continuation: Continuation | None, size: int | None = None
+) -> list[str]:
+    """What to encode for `text`: its first piece, then each further piece after the
+    continuation's prefix (`[text]` when the pipeline cannot be cut). The ids of all but the
+    first string, less their first `continuation.drop`, concatenate to the text's ids.
+
+    The prefix is sliced from the text itself where it precedes the cut (a "\n" always does),
+    so no piece is copied twice.
+    """
+    if continuation is None:
+        return [text]
+    cuts = cut_points(text, size)
+    prefix, ends = continuation.prefix, [*cuts, len(text)]
+    strings = [text[: ends[0]]]
+    for start, end in zip(cuts, ends[1:], strict=True):
+        if text.startswith(prefix, start - len(prefix)):
+            strings.append(text[start - len(prefix) : end])
+        else:
+            strings.append(prefix + text[start:end])
+    return strings
+
+
+def batches(strings: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """(index of the first, strings) in groups of BATCH_PIECES, one parallel call each."""
+    for start in range(0, len(strings), BATCH_PIECES):
+        yield start, strings[start : start + BATCH_PIECES]
 
 
 def find_continuation(
@@ -73,11 +98,12 @@ def find_continuation(
     None if no candidate works: such a pipeline must encode each text whole.
     """
     whole = list(encode(PROBE))
-    pieces = split_text(PROBE, size=1)
     for prefix in candidates:
         continuation = Continuation(prefix, len(encode(prefix)) if prefix else 0)
-        batch = lambda texts: [encode(t) for t in texts]  # noqa: E731 - probe only, a few lines
-        joined = [i for ids in encode_pieces(pieces, batch, continuation) for i in ids]
+        first, *rest = continued_pieces(PROBE, continuation, size=1)
+        joined = list(encode(first))
+        for string in rest:
+            joined += list(encode(string))[continuation.drop :]
         if joined == whole:
             return continuation
     return None

@@ -11,7 +11,7 @@ library: `lmlab id = file id + id_offset`.
 
 from __future__ import annotations
 
-import itertools
+import array
 import re
 from abc import abstractmethod
 from pathlib import Path
@@ -22,7 +22,12 @@ from tokenizers import Tokenizer as LibraryTokenizer
 
 from lmlab.errors import ConfigError, DataError
 from lmlab.tokenizers.base import SPECIAL_TOKENS, TextStream, Tokenizer
-from lmlab.tokenizers.chunking import Continuation, encode_pieces, find_continuation, split_text
+from lmlab.tokenizers.chunking import (
+    Continuation,
+    batches,
+    continued_pieces,
+    find_continuation,
+)
 from lmlab.tokenizers.config import TokenizerConfig
 
 LIBRARY_FILE = "tokenizer.json"
@@ -133,23 +138,27 @@ class PipelineTokenizer(Tokenizer):
             return [e.ids for e in encodings]
         return [(np.asarray(e.ids, dtype=np.int64) + self.id_offset).tolist() for e in encodings]
 
-    def encode_to_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+    @property
+    def continuation(self) -> Continuation | None:
+        """How `encode_to_array` encodes a cut piece (None: this pipeline is never cut)."""
         if self._continuation is False:
             self._continuation = find_continuation(self._plain_ids)
-        if self._continuation is None:  # this pipeline cannot be cut safely: one piece
-            pieces = [text]
-            continuation = Continuation()
-        else:
-            pieces, continuation = split_text(text), self._continuation
-        encoded = encode_pieces(
-            pieces,
-            lambda batch: [
-                e.ids for e in self._library.encode_batch_fast(batch, add_special_tokens=False)
-            ],
-            continuation,
-        )
-        total = sum(len(ids) for ids in encoded)
-        out = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=total)
+        return self._continuation
+
+    def encode_to_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+        continuation = self.continuation
+        drop = continuation.drop if continuation else 0
+        # The library hands ids out only as Python lists; array("I").fromlist converts one in C
+        # at ~5 ns an id (np.fromiter over the lists took ~30 ns, 3-5 % of the encoding).
+        ids = array.array("I")
+        for first, batch in batches(continued_pieces(text, continuation)):
+            encodings = self._library.encode_batch_fast(batch, add_special_tokens=False)
+            for i, encoding in enumerate(encodings, first):
+                piece = encoding.ids
+                if i and drop:
+                    del piece[:drop]
+                ids.fromlist(piece)
+        out = np.frombuffer(ids, dtype=np.uintc).astype(dtype, copy=False)
         if self.id_offset:
             out += self.id_offset
         return out

@@ -35,7 +35,12 @@ from lmlab.tokenizers.base import (
     TextStream,
     Tokenizer,
 )
-from lmlab.tokenizers.chunking import Continuation, encode_pieces, find_continuation, split_text
+from lmlab.tokenizers.chunking import (
+    Continuation,
+    batches,
+    continued_pieces,
+    find_continuation,
+)
 from lmlab.tokenizers.config import TokenizerConfig
 
 MODEL_FILE = "sentencepiece.model.b64"  # base64 of the .model file: saved tokenizers are text
@@ -152,20 +157,23 @@ class SentencePieceTokenizer(Tokenizer):
             return batch
         return [(np.asarray(ids, dtype=np.int64) + self.id_offset).tolist() for ids in batch]
 
-    def encode_to_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+    @property
+    def continuation(self) -> Continuation | None:
+        """How `encode_to_array` encodes a cut piece (None: this model is never cut)."""
         if self._continuation is False:
             self._continuation = find_continuation(self._sp.encode)
-        if self._continuation is None:
-            pieces, continuation = [text], Continuation()
-        else:
-            pieces, continuation = split_text(text), self._continuation
-        # Arrays straight from the C++ side: no Python list of ids is ever built.
-        encoded = encode_pieces(
-            pieces,
-            lambda batch: self._sp.encode(batch, out_type="numpy", num_threads=_threads()),
-            continuation,
-        )
-        out = np.concatenate(encoded).astype(dtype, copy=False)
+        return self._continuation
+
+    def encode_to_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+        continuation = self.continuation
+        drop = continuation.drop if continuation else 0
+        # Arrays straight from the C++ side (no Python list of ids is ever built), joined and
+        # cast to `dtype` in one pass.
+        parts: list[np.ndarray] = []
+        for first, batch in batches(continued_pieces(text, continuation)):
+            arrays = self._sp.encode(batch, out_type="numpy", num_threads=_threads())
+            parts += [ids[drop:] if i and drop else ids for i, ids in enumerate(arrays, first)]
+        out = np.concatenate(parts, dtype=dtype, casting="unsafe")
         if self.id_offset:
             out += self.id_offset
         return out
