@@ -1,4 +1,16 @@
-"""Autoregressive generation for decoder backbones, with or without a KV cache."""
+"""Autoregressive generation for decoder backbones, with or without a KV cache.
+
+The cached loop is one prefill forward and then one single-token forward per step; what it
+does per step is kept small because at batch sizes that fit a CPU or a small GPU a decode step
+is a few hundred tiny ops (see README, Performance):
+
+- prompts with no padding run with no attention mask at all (a single new query may see every
+  cached key, so it needs neither a mask nor `is_causal`); padded prompts get one mask
+  allocated for the whole generation, of which each step passes a view;
+- lmlab decoders compute the output layer for the last prompt position only at prefill;
+- without `eos_id` nothing is tracked per row and nothing is read back to the host per step;
+- on CPU in fp32, linear layers use oneDNN-prepacked weights (`lmlab.models.prepack`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmlab.models.decoder import DecoderLM
+from lmlab.models.prepack import prepacked_linears
 from lmlab.models.sampling import choose_next, mask_padded_vocab
 
 
@@ -23,6 +37,7 @@ def generate(
     vocab_size: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    prepack: bool = True,
 ) -> Tensor:
     """Continue each prompt; return only the new tokens, LongTensor [B, max_new_tokens].
 
@@ -33,6 +48,8 @@ def generate(
 
     use_cache=True runs one prefill forward and then one single-token forward per step;
     use_cache=False recomputes the whole sequence every step (the reference).
+    prepack: on CPU in fp32, run the model's `nn.Linear`s on oneDNN-prepacked weights (kept
+    for the next call while the weights are unchanged: one extra copy of them in memory).
     """
     if vocab_size is None:
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -45,13 +62,32 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode(), prepacked_linears(model, prepack):
             _decode_loop(model, prompt_ids, prompt_mask, out, eos_id, pad_id, vocab_size,
                          dict(temperature=temperature, top_k=top_k, top_p=top_p,
                               generator=generator), use_cache)
     finally:
         model.train(was_training)
     return out
+
+
+def last_logits(model: nn.Module, ids: Tensor, mask: Tensor | None, cache: Any) -> Tensor:
+    """Logits [B, V] of the last position of `ids` (extending `cache` if given).
+
+    An lmlab `DecoderLM` applies its output layer to that position only: at prefill the
+    other P - 1 positions' logits ([B, P - 1, V], the largest matmul of the prefill) are never
+    used. Other backbones (HF models may scale or cap their logits) run their own forward.
+    """
+    if isinstance(model, DecoderLM) and type(model).forward is DecoderLM.forward:
+        return model.lm_head(model.hidden(ids, mask, cache)[:, -1])
+    return model(ids, attention_mask=mask, cache=cache)[:, -1]
+
+
+def _next_ids(logits: Tensor, vocab_size: int | None, sampling: dict[str, Any]) -> Tensor:
+    if sampling["temperature"] == 0.0 and vocab_size is not None:
+        # argmax over the real ids: the same choice as masking the padded ones, no copy.
+        return logits[..., :vocab_size].argmax(dim=-1)
+    return choose_next(mask_padded_vocab(logits, vocab_size), **sampling)
 
 
 def _decode_loop(
@@ -68,29 +104,40 @@ def _decode_loop(
     """Fill `out` in place, step by step."""
     B, P = prompt_ids.shape
     n_new = out.shape[1]
-    mask = None if prompt_mask is None else prompt_mask.to(torch.long)
-    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-    new_real = torch.ones(B, 1, dtype=torch.long, device=prompt_ids.device)
-
+    device = prompt_ids.device
     # The last generated token is never fed back, so P + n_new - 1 positions suffice.
-    cache = model.new_cache(B, P + n_new - 1) if use_cache else None
-    sequence = prompt_ids
-    logits = model(prompt_ids, attention_mask=mask, cache=cache)[:, -1]
+    total = P + n_new - 1
+    mask = None
+    # One host sync per call: an all-real prompt needs no mask, so the model skips building
+    # (and attention skips applying) one every step.
+    if prompt_mask is not None and not bool(prompt_mask.bool().all()):
+        mask = torch.ones(B, total, dtype=torch.long, device=device)
+        mask[:, :P] = prompt_mask
+    done = None if eos_id is None else torch.zeros(B, dtype=torch.bool, device=device)
+
+    cache = model.new_cache(B, total) if use_cache else None
+    sequence = None
+    if not use_cache:
+        sequence = torch.empty(B, total, dtype=prompt_ids.dtype, device=device)
+        sequence[:, :P] = prompt_ids
+    logits = last_logits(model, prompt_ids, None if mask is None else mask[:, :P], cache)
     for step in range(n_new):
-        next_ids = choose_next(mask_padded_vocab(logits, vocab_size), **sampling)
-        # Finished rows report pad_id but keep feeding the chosen (valid) id: pad_id may be
-        # outside the vocabulary (e.g. -100), and those rows' outputs are discarded anyway.
-        out[:, step] = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
-        if eos_id is not None:
-            done = done | (next_ids == eos_id)
+        next_ids = _next_ids(logits, vocab_size, sampling)
+        if done is None:
+            out[:, step] = next_ids
+        else:
+            # Finished rows report pad_id but keep feeding the chosen (valid) id: pad_id may
+            # be outside the vocabulary (e.g. -100), and those rows' outputs are discarded.
+            out[:, step] = next_ids.masked_fill(done, pad_id)
+            done |= next_ids == eos_id
             if bool(done.all()):
                 return
         if step == n_new - 1:
             return
-        if mask is not None:
-            mask = torch.cat([mask, new_real], dim=1)
+        length = P + step + 1
+        step_mask = None if mask is None else mask[:, :length]
         if use_cache:
-            logits = model(next_ids[:, None], attention_mask=mask, cache=cache)[:, -1]
+            logits = last_logits(model, next_ids[:, None], step_mask, cache)
         else:
-            sequence = torch.cat([sequence, next_ids[:, None]], dim=1)
-            logits = model(sequence, attention_mask=mask)[:, -1]
+            sequence[:, length - 1] = next_ids
+            logits = last_logits(model, sequence[:, :length], step_mask, None)
