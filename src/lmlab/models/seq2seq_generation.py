@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmlab.models.prepack import prepacked_linears
 from lmlab.models.sampling import mask_padded_vocab
 
 
@@ -49,7 +50,8 @@ def generate_seq2seq(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # As in `generation.generate`: no autograd bookkeeping, prepacked CPU linears.
+        with torch.inference_mode(), prepacked_linears(model):
             memory = model.encode(src_ids, src_mask)
             if num_beams == 1:
                 return _greedy(model, memory, src_mask, max_new_tokens, bos_id, eos_id,
