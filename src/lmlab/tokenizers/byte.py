@@ -71,9 +71,8 @@ class ByteTokenizer(Tokenizer):
         if self.config.lowercase or self.config.effective_normalization != "none":
             text = self._normalize_text(text)
         raw = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8)
-        ids = raw.astype(dtype)
-        ids += self.num_special_tokens  # in place: one array, not two
-        return ids
+        # Widened and shifted in one pass, straight into the caller's dtype.
+        return np.add(raw, self.num_special_tokens, dtype=dtype)
 
     def _decode_bytes(self, ids: np.ndarray) -> str:
         # A model can emit byte sequences that are not valid UTF-8; show them as U+FFFD rather
