@@ -46,7 +46,12 @@ def _overrides_for(group: str, option: str) -> list[str]:
         # Multi-process options would start ranks (and a process group) inside pytest; gpu needs CUDA.
         pytest.skip(f"trainer={option} is trained for real by tests/strategies/ (2 CPU processes; GPU tests)")
     if group == "experiment":
-        return [f"experiment={option}", "trainer.max_steps=4"]
+        # gpt2_124m is a GPU recipe: here its composition runs at CPU size.
+        cpu_size = (["trainer=default", "model.compile=false", "model.n_layers=1", "model.d_model=64",
+                     "model.n_heads=2", "model.max_seq_len=64", "data.seq_len=64", "data.batch_size=2",
+                     "data.tokenizer_train_chars=200000", "tokenizer.vocab_size=400"]
+                    if option == "gpt2_124m" else [])
+        return [f"experiment={option}", "trainer.max_steps=4", *cpu_size]
     extra = {
         ("data", "text"): ["tokenizer=char"],
         ("data", "classification"): ["task=classify"],

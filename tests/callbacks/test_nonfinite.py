@@ -54,3 +54,19 @@ def test_deferred_check_runs_at_the_end_of_training():
 def test_bad_check_interval_is_a_config_error(kwargs):
     with pytest.raises(ConfigError, match="check_every_n_steps"):
         NonFiniteGuard(**kwargs)
+
+
+class _Module:
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+
+
+@pytest.mark.parametrize("device,policy,expected", [("cpu", "stop", 1), ("cuda", "stop", 25),
+                                                    ("cuda", "skip", 1)])
+def test_default_interval_reads_every_step_only_where_it_is_free(device, policy, expected):
+    guard = NonFiniteGuard(policy=policy)
+    guard.on_fit_start(_Trainer(), _Module(device))
+    assert guard.check_every_n_steps == expected
+    explicit = NonFiniteGuard(check_every_n_steps=7)
+    explicit.on_fit_start(_Trainer(), _Module(device))
+    assert explicit.check_every_n_steps == 7

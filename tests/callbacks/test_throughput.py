@@ -165,3 +165,49 @@ def test_debug_fast_run_records_throughput(make_cfg):
     assert t["tokens_per_sec"] > 0 and t["mfu"] == pytest.approx(t["tflops_per_sec"] / 1.0)
     assert saved["metrics"]["throughput/tokens_per_sec"] == pytest.approx(t["tokens_per_sec"])
     assert record["throughput"]["flops_per_token"] > 0
+
+
+class _Clock:
+    """A fake `time.perf_counter`: each batch takes 1 s, a checkpoint save 100 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_checkpoint_saves_and_validation_are_not_training_time(monkeypatch):
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    import lmlab.callbacks.throughput as throughput
+
+    clock = _Clock()
+    monkeypatch.setattr(throughput.time, "perf_counter", clock)
+    monitor = ThroughputMonitor(log_every_n_steps=1000, warmup_steps=1)
+
+    class State:
+        fn = TrainerFn.FITTING
+
+    class Trainer:
+        global_step, loggers, state = 0, [], State()
+
+    trainer, batch = Trainer(), {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+    for step in range(6):
+        monitor.on_train_batch_start(trainer, None, batch, step)
+        clock.now += 1.0
+        trainer.global_step = step + 1
+        monitor.on_train_batch_end(trainer, None, None, batch, step)
+        if step == 2:
+            monitor.on_save_checkpoint(trainer, None, {})  # ResumeCheckpoint's periodic save
+            clock.now += 100.0
+        if step == 4:
+            monitor.on_validation_start(trainer, None)
+            clock.now += 50.0  # validation, then ModelCheckpoint's save
+            monitor.on_validation_end(trainer, None)
+            monitor.on_save_checkpoint(trainer, None, {})
+            clock.now += 100.0
+    monitor.on_train_end(trainer, None)
+    s = monitor.summary()
+    assert s["steps_measured"] == 5 and s["seconds_measured"] == pytest.approx(5.0)
+    assert s["tokens_per_sec"] == pytest.approx(16.0)

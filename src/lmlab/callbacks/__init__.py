@@ -3,6 +3,8 @@
 from lmlab.callbacks.checkpointing import AtomicModelCheckpoint, NonFiniteError, ResumeCheckpoint
 from lmlab.callbacks.memory import MemoryMonitor
 from lmlab.callbacks.nonfinite import NonFiniteGuard
+from lmlab.callbacks.progress import ProgressBar
+from lmlab.callbacks.step_profiler import StepProfiler
 from lmlab.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["AtomicModelCheckpoint", "MemoryMonitor", "NonFiniteError", "NonFiniteGuard", "ResumeCheckpoint", "ThroughputMonitor"]
+__all__ = ["AtomicModelCheckpoint", "MemoryMonitor", "NonFiniteError", "NonFiniteGuard", "ProgressBar", "ResumeCheckpoint", "StepProfiler", "ThroughputMonitor"]

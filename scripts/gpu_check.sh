@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one go, each part bounded in time (a lent GPU is held by
+# the minute): the CUDA tests, the GPT-2 124M MFU run (experiment=gpt2_124m) and the bench.
+#
+#   scripts/gpu_check.sh OUT [PART ...]     PART: env | tests | mfu | bench | profile
+#
+# Writes OUT/<part>.log and, for mfu, OUT/mfu_<variant>.json (the runs' throughput records).
+# Extra train.py overrides for every mfu variant: MFU_ARGS="data.batch_size=32 ...".
+# Data and cache: paths.data_dir / LMLAB_CACHE as for any run.
+set -uo pipefail
+OUT=${1:?usage: scripts/gpu_check.sh OUT [env tests mfu bench profile]}
+shift
+PARTS=${*:-env tests mfu bench}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+part_env() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  $PY - <<'EOF'
+import torch, lightning, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "lightning", lightning.__version__,
+      "transformers", transformers.__version__)
+print(torch.cuda.get_device_name(), torch.cuda.get_device_capability(),
+      "flash sdpa:", torch.backends.cuda.flash_sdp_enabled())
+EOF
+}
+
+part_tests() {
+  timeout 300 $PY -m pytest -q -p no:cacheprovider -x tests/strategies/test_gpu.py \
+    tests/callbacks -k "gpu or cuda or throughput or peak" 2>&1 | tail -25
+}
+
+# One short run of the recipe per variant; the summary is the record's `throughput`.
+mfu_run() {
+  local name=$1; shift
+  local dir=/tmp/mfu_$name
+  rm -rf "$dir"
+  timeout 280 $PY train.py experiment=gpt2_124m trainer.max_steps=${MFU_STEPS:-300} \
+    trainer.val_check_interval=${MFU_STEPS:-300} callbacks.last_checkpoint.every_n_steps=null \
+    test=false validate_after_fit=false print_config=false hydra.run.dir="$dir" \
+    ${MFU_ARGS:-} "$@" >"$OUT/mfu_$name.log" 2>&1
+  echo "[$name] exit $?"
+  $PY - "$dir/metrics.json" "$OUT/mfu_$name.json" <<'EOF'
+import json, sys
+try:
+    record = json.load(open(sys.argv[1]))
+except OSError as error:
+    print("  no record:", error); sys.exit()
+t = record.get("throughput") or {}
+json.dump({"throughput": t, "memory": record.get("memory"), "params": record.get("params"),
+           "overrides": record.get("overrides"), "status": record.get("status")},
+          open(sys.argv[2], "w"), indent=1)
+mfu = t.get("mfu")
+print(f"  {t.get('tokens_per_sec', 0):,.0f} tok/s  {t.get('tflops_per_sec') or 0:.1f} TFLOP/s  "
+      f"MFU {mfu if mfu is None else f'{mfu:.1%}'}  steps {t.get('steps_measured')}  "
+      f"peak {t.get('peak_tflops')} ({t.get('peak_source')})  cuda peak "
+      f"{(record.get('memory') or {}).get('cuda_peak_allocated_bytes', 0) / 2**30:.1f} GiB")
+EOF
+}
+
+part_mfu() {
+  for variant in ${MFU_VARIANTS:-b16}; do
+    case $variant in
+      b16) mfu_run b16 ;;
+      b32) mfu_run b32 data.batch_size=32 ;;
+      b16_eager) mfu_run b16_eager model.compile=false ;;
+      b16_sync) mfu_run b16_sync callbacks.nonfinite.check_every_n_steps=1 ;;
+      *) mfu_run "$variant" ;;
+    esac
+  done
+}
+
+part_bench() {
+  timeout ${BENCH_TIMEOUT:-400} $PY -m bench.run --device cuda ${BENCH_ARGS:-} --out "$OUT/bench_cuda.md" 2>&1 | tail -40
+}
+
+part_profile() {
+  timeout 240 $PY -m bench.profile_step --out "$OUT/profile.txt" ${PROFILE_ARGS:-} 2>&1 | tail -40
+}
+
+for part in $PARTS; do
+  echo "== $part ($(date +%T))"
+  "part_$part" 2>&1 | tee "$OUT/$part.log"
+done
+echo "== done ($(date +%T))"
