@@ -169,3 +169,26 @@ def test_bad_fields_raise_config_error(fields, field):
     assert info.value.field == field
     if field == "model.family":
         assert "encoder_decoder" in str(info.value) and "decoder" in info.value.valid
+
+
+def test_unpadded_source_mask_is_dropped_with_the_same_outputs(monkeypatch):
+    """An all-ones source mask is treated as no mask (one shared relative-bias table, unmasked
+    cross-attention); outputs and gradients equal those with the mask kept."""
+    import lmlab.models.encoder_decoder as encoder_decoder
+
+    model = _model(**T5).train()
+    src, _, tgt = _batch()
+    full = torch.ones_like(src)
+    assert encoder_decoder._unless_full(full) is None
+    assert encoder_decoder._unless_full(_batch()[1]) is not None
+
+    def step():
+        out = model(src, full, tgt)
+        return out, torch.autograd.grad(out.square().sum(), list(model.parameters()))
+
+    dropped, dropped_grads = step()
+    monkeypatch.setattr(encoder_decoder, "_unless_full", lambda mask: mask)
+    kept, kept_grads = step()
+    torch.testing.assert_close(dropped, kept, atol=1e-5, rtol=1e-5)
+    for a, b in zip(dropped_grads, kept_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -52,6 +52,21 @@ class Seq2SeqCache:
                 layer_cache[:, :, :n] = layer_cache[:, :, :n].index_select(0, index)
 
 
+def _unless_full(mask: Tensor | None) -> Tensor | None:
+    """None for a CPU mask without padding, which is then no mask at all.
+
+    Without a mask, positions are `arange` (the same as counted over real tokens when all
+    are real), so the encoder's relative-position bias is one [1, H, S, S] table instead of
+    a [B, H, S, S] one per row (8x less bias lookup, masking and gradient at batch 8) and
+    cross-attention runs unmasked. The check reads the mask's values, so it is skipped where
+    that costs a host-device synchronisation (GPU) or a graph break (torch.compile): there
+    the mask is kept, which gives the same outputs.
+    """
+    if mask is None or mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return mask
+    return None if bool(mask.all()) else mask
+
+
 class EncoderDecoderModel(Backbone):
     """`forward(src_ids, src_mask, tgt_ids, cache=None) -> logits [B, T_tgt, padded_vocab]`.
 
@@ -125,6 +140,7 @@ class EncoderDecoderModel(Backbone):
         tgt_ids: Tensor,
         cache: Seq2SeqCache | None = None,
     ) -> Tensor:
+        src_mask = _unless_full(src_mask)
         memory = None
         if cache is None or cache.memory_kv is None:
             memory = self.encode(src_ids, src_mask)

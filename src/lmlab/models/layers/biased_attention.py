@@ -1,0 +1,142 @@
+"""Attention with a learned additive bias (T5's relative positions) on the CPU.
+
+`F.scaled_dot_product_attention` has no fused CPU kernel that returns a gradient for
+`attn_mask`, so a bias that requires grad sends it to its unfused math path, which also pays
+for a "safe" softmax (`isneginf`/`all`/`where` passes over every [B, H, T, S] score tensor)
+and scales q and k separately. `learned_bias_attention` is the same computation written for
+this case: the scale and bias go into one `baddbmm`, a plain softmax (every row keeps at least
+its own key, see `build_attention_mask`), and for causal layers the scores are computed in
+blocks of query rows that skip the keys after the block's last query, about 40 % of a causal
+layer's score work. The backward pass is written out (`LearnedBiasAttention.backward`), so
+the block structure carries over to it and the bias gradient is summed to the bias's shape
+block by block. Dropout and grouped KV heads are not supported: `applies` says when to use it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Query rows per block of a causal layer: 64 measured fastest at T = 256 (32: more, smaller
+# matmuls; 128: less skipped work).
+ROWS_PER_BLOCK = 64
+
+
+def applies(q: Tensor, k: Tensor, attn_mask: Tensor | None, dropout_p: float) -> bool:
+    """Whether `learned_bias_attention` should replace SDPA for this call: a float mask that
+    needs a gradient, on the CPU, without dropout or grouped KV heads, outside torch.compile
+    (inductor generates its own kernels for the math path)."""
+    return (attn_mask is not None and attn_mask.requires_grad and attn_mask.is_floating_point()
+            and q.device.type == "cpu" and dropout_p == 0.0 and q.shape[1] == k.shape[1]
+            and not torch.compiler.is_compiling())
+
+
+def learned_bias_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
+                           causal: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v, SDPA's contract for a float `attn_mask`.
+
+    q [B, H, T, D], k/v [B, H, S, D]; bias broadcastable to [B, H, T, S], -inf where a key is
+    masked, at least one finite key per row. `causal`: the bias masks every key after the
+    query's bottom-right aligned position (query t of T sees keys up to S - T + t), so those
+    scores are not computed at all.
+    """
+    if bias.dim() != 4:
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    T, S = q.shape[-2], k.shape[-2]
+    if bias.shape[-2:] != (T, S):
+        bias = bias.expand(*bias.shape[:2], T, S)  # a view; autograd sums its gradient back
+    return LearnedBiasAttention.apply(q, k, v, bias.to(q.dtype), 1.0 / math.sqrt(q.shape[-1]),
+                                      causal)
+
+
+def _spans(T: int, S: int, causal: bool) -> list[tuple[int, int, int]]:
+    """(first query, end query, end key) of every block of query rows."""
+    if not causal or T <= ROWS_PER_BLOCK:
+        return [(0, T, S)]
+    return [(t0, min(t0 + ROWS_PER_BLOCK, T), min(S, S - T + min(t0 + ROWS_PER_BLOCK, T)))
+            for t0 in range(0, T, ROWS_PER_BLOCK)]
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a [B, H, t, s] gradient over the dims the bias was broadcast along."""
+    dims = [d for d in range(2) if shape[d] == 1 and grad.shape[d] != 1]
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+class LearnedBiasAttention(torch.autograd.Function):
+    """Forward keeps each block's probabilities for backward (as the math path keeps the
+    whole [B, H, T, S] tensor); backward is softmax's and the matmuls' gradients per block.
+
+    The output is a [B, H, T, D] view of a [B, T, H, D] buffer, the layout the attention
+    layer's output projection reads, so its `transpose(1, 2).reshape` costs no copy.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float,  # type: ignore[override]
+                causal: bool) -> Tensor:
+        # Contiguous [B, H, T, D] once, so every block below is a view the matmuls take as is.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, H, T, D = q.shape
+        S = k.shape[-2]
+        spans = _spans(T, S, causal)
+        out = q.new_empty(B, T, H, D).transpose(1, 2)
+        probs = []
+        if len(spans) == 1:
+            # One block: a single baddbmm over the B * H heads (the bias expanded into the
+            # output buffer, which the scores then accumulate into).
+            n = B * H
+            scores = torch.baddbmm(bias.expand(B, H, T, S).reshape(n, T, S), q.view(n, T, D),
+                                   k.view(n, S, D).transpose(1, 2), alpha=scale)
+            p = torch.softmax(scores, dim=-1)
+            del scores
+            out.copy_(torch.bmm(p, v.view(n, S, D)).view(B, H, T, D))
+            probs.append(p.view(B, H, T, S))
+        else:
+            qs = q * scale
+            for t0, t1, s1 in spans:
+                scores = torch.matmul(qs[:, :, t0:t1], k[:, :, :s1].transpose(-1, -2))
+                scores += bias[..., t0:t1, :s1]
+                p = torch.softmax(scores, dim=-1)
+                del scores
+                out[:, :, t0:t1] = torch.matmul(p, v[:, :, :s1])
+                probs.append(p)
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.spans, ctx.scale, ctx.bias_shape = spans, scale, bias.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):  # type: ignore[override]
+        q, k, v, *probs = ctx.saved_tensors
+        scale, spans, bias_shape = ctx.scale, ctx.spans, ctx.bias_shape
+        S = k.shape[-2]
+        dout = dout.contiguous()
+        dq = torch.empty_like(q)
+        dk = dv = dbias = None
+        if ctx.needs_input_grad[3] and len(spans) > 1:
+            dbias = q.new_zeros(bias_shape)  # the keys no block reached get no gradient
+        # The last block reaches every key: its gradients initialise dk and dv, the earlier
+        # blocks' add into their prefix of the keys.
+        for p, (t0, t1, s1) in reversed(list(zip(probs, spans))):
+            do = dout[:, :, t0:t1]
+            dp = torch.matmul(do, v[:, :, :s1].transpose(-1, -2))
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # d(scores)
+            del dp
+            dv_block = torch.matmul(p.transpose(-1, -2), do)
+            dk_block = torch.matmul(ds.transpose(-1, -2), q[:, :, t0:t1])
+            if dk is None:
+                assert s1 == S
+                dk, dv = dk_block, dv_block
+            else:
+                dk[:, :, :s1] += dk_block
+                dv[:, :, :s1] += dv_block
+            dq[:, :, t0:t1] = torch.matmul(ds, k[:, :, :s1])
+            if ctx.needs_input_grad[3]:
+                if dbias is None:
+                    dbias = _sum_to(ds, bias_shape)
+                else:
+                    dbias[..., t0:t1, :s1] = _sum_to(ds, bias_shape)
+        dq *= scale
+        dk *= scale
+        return dq, dk, dv, dbias, None, None
