@@ -155,7 +155,9 @@ class LMTask(L.LightningModule):
         `train/loss` stays the objective alone, so it is comparable between dense and MoE runs;
         `train/total_loss` is what is optimised when auxiliary terms exist.
         """
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # Not prog_bar: Lightning would turn it into a number after every batch, a host-device
+        # sync per step; lmlab's ProgressBar reads it when it refreshes.
+        self.log("train/loss", loss, batch_size=batch_size)
         aux = self.backbone.auxiliary_losses() if hasattr(self.backbone, "auxiliary_losses") else {}
         if aux:
             for name, value in aux.items():
