@@ -137,3 +137,18 @@ def test_model_trains_after_generation(make_model):
     loss = model(torch.cat([torch.tensor([[1, 2, 3]]), out], 1)).logsumexp(-1).mean()
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("every", [1, 3, 100])
+def test_checking_for_eos_every_few_steps_changes_nothing(make_model, monkeypatch, every):
+    """Off CPU `done` is read back every few steps; the extra steps must only write pads."""
+    import lmlab.models.generation as generation
+
+    model = make_model(init_std=0.2)
+    prompt = torch.randint(1, 50, (3, 4))
+    free = generate(model, prompt, max_new_tokens=9)
+    eos = int(free[0, 2])
+    expected = generate(model, prompt, max_new_tokens=9, eos_id=eos, pad_id=-1)
+    monkeypatch.setitem(generation.EOS_CHECK_EVERY, "cpu", every)
+    assert torch.equal(generate(model, prompt, max_new_tokens=9, eos_id=eos, pad_id=-1), expected)
+    assert (expected[0, 3:] == -1).all()

@@ -9,6 +9,7 @@ is a few hundred tiny ops (see README, Performance):
   allocated for the whole generation, of which each step passes a view;
 - lmlab decoders compute the output layer for the last prompt position only at prefill;
 - without `eos_id` nothing is tracked per row and nothing is read back to the host per step;
+  with it, off CPU, whether all rows are done is read back every 8 steps (`EOS_CHECK_EVERY`);
 - on CPU in fp32, linear layers use oneDNN-prepacked weights (`lmlab.models.prepack`).
 """
 
@@ -22,6 +23,11 @@ from torch import Tensor, nn
 from lmlab.models.decoder import DecoderLM
 from lmlab.models.prepack import prepacked_linears
 from lmlab.models.sampling import choose_next, mask_padded_vocab
+
+# Steps between checks whether every row has emitted eos, by device type: each check is a
+# host sync, which costs nothing on CPU and a pipeline stall on an accelerator.
+EOS_CHECK_EVERY = {"cpu": 1}
+EOS_CHECK_EVERY_DEFAULT = 8
 
 
 def generate(
@@ -114,6 +120,7 @@ def _decode_loop(
         mask = torch.ones(B, total, dtype=torch.long, device=device)
         mask[:, :P] = prompt_mask
     done = None if eos_id is None else torch.zeros(B, dtype=torch.bool, device=device)
+    eos_check_every = EOS_CHECK_EVERY.get(device.type, EOS_CHECK_EVERY_DEFAULT)
 
     cache = model.new_cache(B, total) if use_cache else None
     sequence = None
@@ -130,7 +137,9 @@ def _decode_loop(
             # be outside the vocabulary (e.g. -100), and those rows' outputs are discarded.
             out[:, step] = next_ids.masked_fill(done, pad_id)
             done |= next_ids == eos_id
-            if bool(done.all()):
+            # Reading `done` back waits for the device: off CPU only every few steps (the
+            # extra steps write pad_id, which `out` holds there already).
+            if step % eos_check_every == eos_check_every - 1 and bool(done.all()):
                 return
         if step == n_new - 1:
             return
