@@ -82,19 +82,19 @@ class LearnedBiasAttention(torch.autograd.Function):
         S = k.shape[-2]
         spans = _spans(T, S, causal)
         out = q.new_empty(B, T, H, D).transpose(1, 2)
+        qs = q * scale  # kept for backward: d(k) = d(scores)^T (q * scale)
         probs = []
         if len(spans) == 1:
-            # One block: a single baddbmm over the B * H heads (the bias expanded into the
-            # output buffer, which the scores then accumulate into).
+            # One block: one matmul over the B * H heads, then the bias added in place (a
+            # broadcast add, no [B, H, T, S] copy of a bias shared across rows).
             n = B * H
-            scores = torch.baddbmm(bias.expand(B, H, T, S).reshape(n, T, S), q.view(n, T, D),
-                                   k.view(n, S, D).transpose(1, 2), alpha=scale)
+            scores = torch.bmm(qs.view(n, T, D), k.view(n, S, D).transpose(1, 2))
+            scores.view(B, H, T, S).add_(bias)
             p = torch.softmax(scores, dim=-1)
             del scores
             out.copy_(torch.bmm(p, v.view(n, S, D)).view(B, H, T, D))
             probs.append(p.view(B, H, T, S))
         else:
-            qs = q * scale
             for t0, t1, s1 in spans:
                 scores = torch.matmul(qs[:, :, t0:t1], k[:, :, :s1].transpose(-1, -2))
                 scores += bias[..., t0:t1, :s1]
@@ -102,35 +102,39 @@ class LearnedBiasAttention(torch.autograd.Function):
                 del scores
                 out[:, :, t0:t1] = torch.matmul(p, v[:, :, :s1])
                 probs.append(p)
-        ctx.save_for_backward(q, k, v, *probs)
+        ctx.save_for_backward(qs, k, v, *probs)
         ctx.spans, ctx.scale, ctx.bias_shape = spans, scale, bias.shape
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):  # type: ignore[override]
-        q, k, v, *probs = ctx.saved_tensors
+        qs, k, v, *probs = ctx.saved_tensors
         scale, spans, bias_shape = ctx.scale, ctx.spans, ctx.bias_shape
+        B, H, T, D = qs.shape
         S = k.shape[-2]
         dout = dout.contiguous()
-        dq = torch.empty_like(q)
+        dq = torch.empty_like(qs)
         dk = dv = dbias = None
         if ctx.needs_input_grad[3] and len(spans) > 1:
-            dbias = q.new_zeros(bias_shape)  # the keys no block reached get no gradient
+            dbias = qs.new_zeros(bias_shape)  # the keys no block reached get no gradient
         # The last block reaches every key: its gradients initialise dk and dv, the earlier
-        # blocks' add into their prefix of the keys.
+        # blocks' accumulate into their prefix of the keys in place (baddbmm_ on a view).
         for p, (t0, t1, s1) in reversed(list(zip(probs, spans))):
+            t = t1 - t0
             do = dout[:, :, t0:t1]
             dp = torch.matmul(do, v[:, :, :s1].transpose(-1, -2))
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # d(scores)
             del dp
-            dv_block = torch.matmul(p.transpose(-1, -2), do)
-            dk_block = torch.matmul(ds.transpose(-1, -2), q[:, :, t0:t1])
             if dk is None:
                 assert s1 == S
-                dk, dv = dk_block, dv_block
+                dv = torch.matmul(p.transpose(-1, -2), do)
+                dk = torch.matmul(ds.transpose(-1, -2), qs[:, :, t0:t1])
             else:
-                dk[:, :, :s1] += dk_block
-                dv[:, :, :s1] += dv_block
+                n = B * H
+                dv[:, :, :s1].view(n, s1, D).baddbmm_(p.view(n, t, s1).transpose(1, 2),
+                                                      do.reshape(n, t, D))
+                dk[:, :, :s1].view(n, s1, D).baddbmm_(ds.view(n, t, s1).transpose(1, 2),
+                                                      qs[:, :, t0:t1].reshape(n, t, D))
             dq[:, :, t0:t1] = torch.matmul(ds, k[:, :, :s1])
             if ctx.needs_input_grad[3]:
                 if dbias is None:
@@ -138,5 +142,4 @@ class LearnedBiasAttention(torch.autograd.Function):
                 else:
                     dbias[..., t0:t1, :s1] = _sum_to(ds, bias_shape)
         dq *= scale
-        dk *= scale
         return dq, dk, dv, dbias, None, None
