@@ -9,6 +9,7 @@ and reference-relative time where the goal is about overhead (said in the row).
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -100,6 +101,11 @@ def rate_row(bench: str, what: str, lmlab: float, reference: float, goal: float,
                lmlab / reference >= goal if reference else None, notes or [], cpu_ratio)
 
 
+def not_run(bench: str, what: str, goal: float, why: str) -> Row:
+    """A comparison left out on this machine; the table shows "—" and the reason."""
+    return Row(bench, what, float("nan"), float("nan"), "tok/s", f">= {goal:.2f}x", None, [why])
+
+
 def time_row(bench: str, what: str, lmlab: float, reference: float, goal: float,
              notes: list[str] | None = None, cpu_ratio: float | None = None) -> Row:
     """Times (lower is better): met when lmlab / reference <= goal."""
@@ -165,10 +171,12 @@ def markdown(rows: list[Row]) -> str:
     lines = ["| bench | comparison | lmlab | reference | ratio | ratio in CPU time | goal | met |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        fmt = (lambda v: f"{v:,.0f} tok/s") if r.unit == "tok/s" else (lambda v: f"{v:.4f} s")
+        unit = (lambda v: f"{v:,.0f} tok/s") if r.unit == "tok/s" else (lambda v: f"{v:.4f} s")
+        fmt = lambda v, unit=unit: "—" if math.isnan(v) else unit(v)  # noqa: E731
         met = "—" if r.met is None else ("yes" if r.met else "no")
         what = r.what + (f" ({'; '.join(r.notes)})" if r.notes else "")
         cpu = "—" if r.cpu_ratio is None else f"{r.cpu_ratio:.2f}x"
+        ratio = "—" if math.isnan(r.ratio) else f"{r.ratio:.2f}x"
         lines.append(f"| {r.bench} | {what} | {fmt(r.lmlab)} | {fmt(r.reference)} | "
-                     f"{r.ratio:.2f}x | {cpu} | {r.goal} | {met} |")
+                     f"{ratio} | {cpu} | {r.goal} | {met} |")
     return "\n".join(lines)

@@ -104,7 +104,10 @@ def header(size: Size, size_name: str, device: torch.device) -> str:
 
 def resolve_device(name: str) -> torch.device:
     """`--device`: cpu, cuda or cuda:N; a clear error when CUDA is asked for and absent."""
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name}: use cpu or cuda[:N]") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"--device {name}: CUDA is not available here (torch "

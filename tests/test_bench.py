@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -23,8 +24,8 @@ def test_tokenizer_bench_quick_runs():
 @pytest.mark.timeout(600)
 def test_make_bench_quick_runs_every_bench(tmp_path):
     out = tmp_path / "results.md"
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=580)
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--device", "cpu",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
     for bench in ("train: gqa vs LlamaForCausalLM", "lightning_vs_raw", "generate: KV-cache",
@@ -32,3 +33,15 @@ def test_make_bench_quick_runs_every_bench(tmp_path):
                   "t5 vs T5ForConditionalGeneration"):
         assert f"| {bench}" in table, bench
     assert "logits equal" in table and "same tokens" in table
+    assert "torch threads" in table.splitlines()[0]  # the header names the machine
+
+
+def test_cuda_without_a_gpu_fails_before_any_work(capsys):
+    from bench import run
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        run.main(["--device", "cuda", "--quick"])
+    with pytest.raises(SystemExit, match="use cpu or cuda"):
+        run.main(["--device", "tpu", "--quick"])
