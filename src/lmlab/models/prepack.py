@@ -16,7 +16,7 @@ optimizer step or a `load_state_dict` makes the next generation reorder again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -72,10 +72,13 @@ def reordered_weight(weight: Tensor) -> Tensor:
     return entry[1]
 
 
-def _prepacked_linear(weight: Tensor, packed: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+def _prepacked_linear(op: Callable[..., Tensor], weight: Tensor, packed: Tensor,
+                      bias: Tensor | None, x: Tensor) -> Tensor:
+    # Called ~30 times per decode step: the op's overload is resolved once (`op`), and inputs
+    # the prepacked op cannot take get the plain layer's behaviour, errors included.
+    if x.dtype is not torch.float32:
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return op(x, packed, bias, "none", [], "")
 
 
 def _fusable(attn: MultiHeadAttention) -> bool:
@@ -113,6 +116,7 @@ def prepacked_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     if not enabled or not prepack_available() or torch.is_autocast_enabled("cpu"):
         yield 0
         return
+    op = torch.ops.mkldnn._linear_pointwise.default
     fused: list[MultiHeadAttention] = []
     switched: list[nn.Linear] = []
     try:
@@ -120,13 +124,13 @@ def prepacked_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
         for module in model.modules():
             if isinstance(module, MultiHeadAttention) and _fusable(module):
                 weight, bias = fused_qkv_weight(module)
-                module.qkv_proj = partial(_prepacked_linear, weight, reordered_weight(weight),
-                                          bias)
+                module.qkv_proj = partial(_prepacked_linear, op, weight,
+                                          reordered_weight(weight), bias)
                 fused.append(module)
                 covered.update(id(p) for p in (module.q_proj, module.k_proj, module.v_proj))
         for module in model.modules():
             if id(module) not in covered and _eligible(module):
-                module.forward = partial(_prepacked_linear, module.weight,
+                module.forward = partial(_prepacked_linear, op, module.weight,
                                          reordered_weight(module.weight), module.bias)
                 switched.append(module)
         yield len(fused) + len(switched)
