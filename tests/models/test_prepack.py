@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.models import generate
+from lmlab.models import generate, prepack
 from lmlab.models.cache import KVCache
 from lmlab.models.layers.attention import MultiHeadAttention
 from lmlab.models.layers.position import RotaryEmbedding
@@ -13,6 +13,23 @@ from lmlab.models.prepack import prepack_available, prepacked_linears, reordered
 
 pytestmark = pytest.mark.skipif(not prepack_available(), reason="torch built without oneDNN")
 TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def prepack_every_size(monkeypatch):
+    """Tiny test weights are below the size worth prepacking: prepack them all the same."""
+    monkeypatch.setattr(prepack, "MIN_PREPACKED_NUMEL", 0)
+
+
+def test_small_weights_stay_on_plain_linear(monkeypatch):
+    monkeypatch.setattr(prepack, "MIN_PREPACKED_NUMEL", 1 << 17)
+    model = nn.ModuleList([nn.Linear(64, 64), nn.Linear(384, 512)])
+    attn = MultiHeadAttention(32, 4, 2)
+    with prepacked_linears(nn.ModuleList([model, attn])) as n:
+        assert n == 2 and "forward" in model[1].__dict__ and "forward" not in model[0].__dict__
+        x = torch.randn(2, 3, 32)
+        torch.testing.assert_close(attn.qkv_proj(x), torch.cat(
+            [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
 
 
 @pytest.mark.parametrize("bias", [True, False])

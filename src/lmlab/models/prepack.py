@@ -27,6 +27,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lmlab.models.layers.attention import MultiHeadAttention
 
+# oneDNN's inner product costs ~35 us per call before any arithmetic (4 us for MKL's `linear`):
+# smaller weights stay on `F.linear`, where streaming the weight is not what takes the time.
+MIN_PREPACKED_NUMEL = 1 << 17
+
 # weight -> ((version, data_ptr), reordered weight); entries die with their weight.
 _REORDERED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # q_proj.weight -> (versions and storages of q/k/v weights and biases, fused weight, bias).
@@ -106,12 +110,13 @@ def fused_qkv_weight(attn: MultiHeadAttention) -> tuple[Tensor, Tensor | None]:
 def prepacked_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """While active, eligible linear layers of `model` multiply with prepacked weights.
 
-    Attention layers whose q/k/v projections are all eligible get one prepacked matmul over
-    the concatenated weights (`MultiHeadAttention.qkv_proj`); every other eligible
-    `nn.Linear` gets an instance `forward` on its own prepacked weight. Both are removed on
-    exit. For inference only: the prepacked op has no autograd. Yields how many weight
-    matrices are in use prepacked (0 when disabled, without oneDNN, or under autocast, whose
-    dtype choice for `linear` the prepacked op would bypass).
+    Attention layers whose q/k/v projections are all eligible get one matmul over the
+    concatenated weights (`MultiHeadAttention.qkv_proj`); every other eligible `nn.Linear` gets
+    an instance `forward` on its own prepacked weight. Weights under `MIN_PREPACKED_NUMEL`
+    elements keep `F.linear` (the q/k/v matmul is fused all the same). Both are removed on
+    exit. For inference only: the prepacked op has no autograd. Yields how many layers were
+    switched (0 when disabled, without oneDNN, or under autocast, whose dtype choice for
+    `linear` the prepacked op would bypass).
     """
     if not enabled or not prepack_available() or torch.is_autocast_enabled("cpu"):
         yield 0
@@ -124,12 +129,15 @@ def prepacked_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
         for module in model.modules():
             if isinstance(module, MultiHeadAttention) and _fusable(module):
                 weight, bias = fused_qkv_weight(module)
-                module.qkv_proj = partial(_prepacked_linear, op, weight,
-                                          reordered_weight(weight), bias)
+                module.qkv_proj = (
+                    partial(_prepacked_linear, op, weight, reordered_weight(weight), bias)
+                    if weight.numel() >= MIN_PREPACKED_NUMEL
+                    else partial(F.linear, weight=weight, bias=bias))
                 fused.append(module)
                 covered.update(id(p) for p in (module.q_proj, module.k_proj, module.v_proj))
         for module in model.modules():
-            if id(module) not in covered and _eligible(module):
+            if (id(module) not in covered and _eligible(module)
+                    and module.weight.numel() >= MIN_PREPACKED_NUMEL):
                 module.forward = partial(_prepacked_linear, op, module.weight,
                                          reordered_weight(module.weight), module.bias)
                 switched.append(module)
