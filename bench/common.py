@@ -51,7 +51,7 @@ QUICK = Size(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab=51
 # GPT-2-small-sized model (the MFU check: 12 layers, d_model 768, 12 heads, T = 1024)
 # with GQA (4 KV heads), a Llama-sized vocabulary and more steps per repeat.
 GPU = Size(n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_ff=2048, vocab=32768, batch=16,
-           seq_len=1024, repeats=5, steps=10, gen_prompt=128, gen_new=128)
+           seq_len=1024, repeats=5, steps=5, gen_prompt=128, gen_new=128)
 SIZES = {"cpu": FULL, "quick": QUICK, "gpu": GPU}
 
 
