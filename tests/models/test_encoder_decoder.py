@@ -192,3 +192,26 @@ def test_unpadded_source_mask_is_dropped_with_the_same_outputs(monkeypatch):
     torch.testing.assert_close(dropped, kept, atol=1e-5, rtol=1e-5)
     for a, b in zip(dropped_grads, kept_grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("smoothing,reduction", [(0.0, "mean"), (0.1, "sum")])
+def test_forward_with_labels_is_the_cross_entropy_of_the_real_vocab(tie, smoothing, reduction):
+    """forward(labels=...) (the fused output layer + loss) against F.cross_entropy of the
+    logits sliced to the real vocabulary: loss and every gradient."""
+    model = _model(tie_embeddings=tie, **T5).train()
+    src, src_mask, tgt = _batch()
+    labels = torch.cat([tgt[:, 1:], torch.full((2, 1), 2)], dim=1).masked_fill(tgt == 0, -100)
+    vocab = 50  # padded to 64 in the model
+    params = list(model.parameters())
+    fused = model(src, src_mask, tgt, labels=labels, label_smoothing=smoothing,
+                  reduction=reduction, loss_vocab=vocab)
+    fused_grads = torch.autograd.grad(fused, params)
+    logits = model(src, src_mask, tgt)[..., :vocab]
+    reference = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                            ignore_index=-100, label_smoothing=smoothing,
+                                            reduction=reduction)
+    reference_grads = torch.autograd.grad(reference, params)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), fused_grads, reference_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)

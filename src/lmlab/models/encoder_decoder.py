@@ -20,6 +20,12 @@ from torch import Tensor, nn
 from lmlab.models.backbone import Backbone, init_weights
 from lmlab.models.cache import KVCache
 from lmlab.models.config import ModelConfig
+from lmlab.models.layers.fused_cross_entropy import (
+    REDUCTIONS,
+    fusable_head,
+    linear_cross_entropy,
+    plain_cross_entropy,
+)
 from lmlab.models.soft_prompt import prepend_soft_prompt, widen_mask
 from lmlab.models.stack import TransformerStack
 
@@ -110,8 +116,10 @@ class EncoderDecoderModel(Backbone):
         memory: Tensor | None,
         src_mask: Tensor | None = None,
         cache: Seq2SeqCache | None = None,
+        hidden_only: bool = False,
     ) -> Tensor:
-        """tgt_ids [B, T] (the new target tokens when a cache holds the earlier ones) -> logits.
+        """tgt_ids [B, T] (the new target tokens when a cache holds the earlier ones) -> logits
+        (`hidden_only`: the decoder's final hidden states, before `lm_head`).
 
         memory may be None once `cache` holds its projected keys/values.
         """
@@ -131,7 +139,10 @@ class EncoderDecoderModel(Backbone):
             memory_kv=memory_kv,
             memory_mask=src_mask,
         )
-        return self.lm_head(h)
+        return h if hidden_only else self.lm_head(h)
+
+    # Tasks may pass `labels` to `forward` and get the loss (see there).
+    accepts_labels = True
 
     def forward(
         self,
@@ -139,12 +150,29 @@ class EncoderDecoderModel(Backbone):
         src_mask: Tensor | None,
         tgt_ids: Tensor,
         cache: Seq2SeqCache | None = None,
+        labels: Tensor | None = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+        loss_vocab: int | None = None,
     ) -> Tensor:
+        """Logits [B, T, padded_vocab_size]; with `labels` [B, T] (the target shifted: position
+        t predicts labels[t]) the fp32 cross-entropy instead, over the first `loss_vocab`
+        logits only (None = all; ids that merely pad the vocabulary then get no probability
+        or smoothing mass), computed by `linear_cross_entropy` without the full logits when
+        `lm_head` is a plain Linear (see `fused_cross_entropy`)."""
         src_mask = _unless_full(src_mask)
         memory = None
         if cache is None or cache.memory_kv is None:
             memory = self.encode(src_ids, src_mask)
-        return self.decode(tgt_ids, memory, src_mask, cache)
+        if labels is None:
+            return self.decode(tgt_ids, memory, src_mask, cache)
+        hidden = self.decode(tgt_ids, memory, src_mask, cache, hidden_only=True)
+        if fusable_head(self.lm_head) and reduction in REDUCTIONS:
+            return linear_cross_entropy(hidden, self.lm_head.weight[:loss_vocab], labels,
+                                        ignore_index, label_smoothing, reduction)
+        return plain_cross_entropy(self.lm_head(hidden)[..., :loss_vocab], labels, ignore_index,
+                                   label_smoothing, reduction)
 
     def new_cache(
         self,

@@ -72,9 +72,17 @@ class Seq2SeqTask(LMTask):
         return self.run_backbone(src_ids, src_mask, tgt_in)
 
     def _loss(self, batch: dict, label_smoothing: float, reduction: str) -> Tensor:
-        logits = self(batch["src_ids"], batch["src_mask"], batch["tgt_in"])
         # Only real tokens compete: ids that merely pad the vocabulary get no smoothing mass.
-        logits = logits[..., : self.tokenizer.vocab_size].float()
+        vocab = self.tokenizer.vocab_size
+        if getattr(self.backbone, "accepts_labels", False):
+            # lmlab's encoder-decoder computes the loss itself: the output layer and the loss
+            # fused in row chunks, without the [B, T, V] fp32 logits.
+            return self.run_backbone(
+                batch["src_ids"], batch["src_mask"], batch["tgt_in"], labels=batch["tgt_out"],
+                ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction=reduction,
+                loss_vocab=vocab)
+        logits = self(batch["src_ids"], batch["src_mask"], batch["tgt_in"])
+        logits = logits[..., :vocab].float()
         return F.cross_entropy(
             logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=IGNORE_INDEX,
             label_smoothing=label_smoothing, reduction=reduction,
