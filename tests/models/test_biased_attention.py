@@ -54,15 +54,45 @@ def test_matches_naive_reference(name):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
-def test_applies_only_to_a_learned_bias_without_dropout():
+def test_applies_only_to_a_learned_bias():
     q = k = torch.zeros(1, 2, 4, 8)
     learned = torch.zeros(1, 2, 4, 4, requires_grad=True)
     assert applies(q, k, learned, 0.0)
+    assert applies(q, k, learned, 0.1)
     assert not applies(q, k, learned.detach(), 0.0)  # ALiBi, or no gradient needed
     assert not applies(q, k, torch.ones(1, 1, 4, 4, dtype=torch.bool), 0.0)
     assert not applies(q, k, None, 0.0)
-    assert not applies(q, k, learned, 0.1)  # attention dropout: SDPA's math path
     assert not applies(q, k[:, :1], learned, 0.0)  # grouped KV heads
+
+
+@pytest.mark.parametrize("name", ["causal-blocks", "bidirectional-shared-rows"])
+def test_dropout_matches_naive_reference_with_the_same_keep_masks(name, monkeypatch):
+    causal, T, S, shape = CASES[name]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, S, 8, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    table = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T) if causal else torch.ones(T, S).bool()
+    bias = table.masked_fill(~allowed, float("-inf"))
+    masks = []
+    monkeypatch.setattr(biased, "keep_mask", lambda *a: masks.append(torch.rand(*a[:1]) >= 0.2)
+                        or masks[-1])
+    ours = learned_bias_attention(q, k, v, bias, causal=causal, dropout_p=0.2)
+    keep = torch.ones(2, 3, T, S, dtype=torch.bool)  # masked keys: p = 0 whatever is kept
+    spans = biased._spans(T, S, causal)
+    assert len(masks) == len(spans)
+    for mask, (t0, t1, s1) in zip(masks, spans):
+        keep[:, :, t0:t1, :s1] = mask.view(2, 3, t1 - t0, s1)
+    probs = (torch.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(8) + bias).softmax(-1)
+    reference = torch.einsum("bhts,bhsd->bhtd", probs * keep / 0.8, v)
+    assert 0.7 < keep[..., allowed].float().mean() < 0.9
+    grad = torch.randn(reference.shape, generator=g, dtype=torch.float64)
+    ours_grads = torch.autograd.grad(ours, (q, k, v, table), grad, retain_graph=True)
+    reference_grads = torch.autograd.grad(reference, (q, k, v, table), grad)
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-10)
+    for a, b in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 T5 = dict(family="encoder_decoder", vocab_size=50, d_model=32, n_layers=2, n_heads=4,

@@ -184,7 +184,8 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.attn_impl == "sdpa" and learned_bias.applies(q, k, attn_mask, dropout_p):
             # A bias with a gradient (T5's relative positions) sends SDPA to its math path.
-            out = learned_bias.learned_bias_attention(q, k, v, attn_mask, causal=self.causal)
+            out = learned_bias.learned_bias_attention(q, k, v, attn_mask, causal=self.causal,
+                                                      dropout_p=dropout_p)
         else:
             attend = F.scaled_dot_product_attention if self.attn_impl == "sdpa" else eager_attention
             out = attend(

@@ -9,7 +9,9 @@ its own key, see `build_attention_mask`), and for causal layers the scores are c
 blocks of query rows that skip the keys after the block's last query, about 40 % of a causal
 layer's score work. The backward pass is written out (`LearnedBiasAttention.backward`), so
 the block structure carries over to it and the bias gradient is summed to the bias's shape
-block by block. Dropout and grouped KV heads are not supported: `applies` says when to use it.
+block by block. Attention dropout is applied to the probabilities as in SDPA (a kept entry is
+scaled by 1 / (1 - p)), from its own keep masks. Grouped KV heads are not supported: `applies`
+says when to use it.
 """
 
 from __future__ import annotations
@@ -24,17 +26,24 @@ from torch import Tensor
 ROWS_PER_BLOCK = 64
 
 
-def applies(q: Tensor, k: Tensor, attn_mask: Tensor | None, dropout_p: float) -> bool:
+def applies(q: Tensor, k: Tensor, attn_mask: Tensor | None, dropout_p: float = 0.0) -> bool:
     """Whether `learned_bias_attention` should replace SDPA for this call: a float mask that
-    needs a gradient, on the CPU, without dropout or grouped KV heads, outside torch.compile
-    (inductor generates its own kernels for the math path)."""
+    needs a gradient, on the CPU, without grouped KV heads, outside torch.compile (inductor
+    generates its own kernels for the math path). `dropout_p` is accepted for the caller's
+    convenience: dropout is supported."""
     return (attn_mask is not None and attn_mask.requires_grad and attn_mask.is_floating_point()
-            and q.device.type == "cpu" and dropout_p == 0.0 and q.shape[1] == k.shape[1]
+            and q.device.type == "cpu" and 0.0 <= dropout_p < 1.0 and q.shape[1] == k.shape[1]
             and not torch.compiler.is_compiling())
 
 
+def keep_mask(shape: tuple[int, ...], dropout_p: float, device: torch.device) -> Tensor:
+    """Bool, True where an attention probability survives dropout (a function so tests can
+    record the masks and build the reference from them)."""
+    return torch.rand(shape, device=device) >= dropout_p
+
+
 def learned_bias_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
-                           causal: bool = False) -> Tensor:
+                           causal: bool = False, dropout_p: float = 0.0) -> Tensor:
     """softmax(q k^T / sqrt(d) + bias) v, SDPA's contract for a float `attn_mask`.
 
     q [B, H, T, D], k/v [B, H, S, D]; bias broadcastable to [B, H, T, S], -inf where a key is
@@ -48,7 +57,7 @@ def learned_bias_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
     if bias.shape[-2:] != (T, S):
         bias = bias.expand(*bias.shape[:2], T, S)  # a view; autograd sums its gradient back
     return LearnedBiasAttention.apply(q, k, v, bias.to(q.dtype), 1.0 / math.sqrt(q.shape[-1]),
-                                      causal)
+                                      causal, float(dropout_p))
 
 
 def _spans(T: int, S: int, causal: bool) -> list[tuple[int, int, int]]:
@@ -75,7 +84,7 @@ class LearnedBiasAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float,  # type: ignore[override]
-                causal: bool) -> Tensor:
+                causal: bool, dropout_p: float) -> Tensor:
         # Contiguous [B, H, T, D] once, so every block below is a view the matmuls take as is.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, T, D = q.shape
@@ -83,7 +92,15 @@ class LearnedBiasAttention(torch.autograd.Function):
         spans = _spans(T, S, causal)
         out = q.new_empty(B, T, H, D).transpose(1, 2)
         qs = q * scale  # kept for backward: d(k) = d(scores)^T (q * scale)
-        probs = []
+        probs, keeps = [], []
+
+        def dropped(p: Tensor) -> Tensor:
+            if dropout_p == 0.0:
+                return p
+            keep = keep_mask(tuple(p.shape), dropout_p, p.device)
+            keeps.append(keep.view(B, H, *keep.shape[-2:]))  # as the saved probabilities
+            return p * keep * (1.0 / (1.0 - dropout_p))
+
         if len(spans) == 1:
             # One block: one matmul over the B * H heads, then the bias added in place (a
             # broadcast add, no [B, H, T, S] copy of a bias shared across rows).
@@ -92,7 +109,7 @@ class LearnedBiasAttention(torch.autograd.Function):
             scores.view(B, H, T, S).add_(bias)
             p = torch.softmax(scores, dim=-1)
             del scores
-            out.copy_(torch.bmm(p, v.view(n, S, D)).view(B, H, T, D))
+            out.copy_(torch.bmm(dropped(p), v.view(n, S, D)).view(B, H, T, D))
             probs.append(p.view(B, H, T, S))
         else:
             for t0, t1, s1 in spans:
@@ -100,16 +117,20 @@ class LearnedBiasAttention(torch.autograd.Function):
                 scores += bias[..., t0:t1, :s1]
                 p = torch.softmax(scores, dim=-1)
                 del scores
-                out[:, :, t0:t1] = torch.matmul(p, v[:, :, :s1])
+                out[:, :, t0:t1] = torch.matmul(dropped(p), v[:, :, :s1])
                 probs.append(p)
-        ctx.save_for_backward(qs, k, v, *probs)
+        ctx.save_for_backward(qs, k, v, *probs, *keeps)
         ctx.spans, ctx.scale, ctx.bias_shape = spans, scale, bias.shape
+        ctx.dropout_p = dropout_p
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):  # type: ignore[override]
-        qs, k, v, *probs = ctx.saved_tensors
-        scale, spans, bias_shape = ctx.scale, ctx.spans, ctx.bias_shape
+        qs, k, v, *saved = ctx.saved_tensors
+        scale, spans, bias_shape, dropout_p = ctx.scale, ctx.spans, ctx.bias_shape, ctx.dropout_p
+        probs = saved[:len(spans)]
+        keeps = saved[len(spans):] or [None] * len(spans)
+        rescale = 1.0 / (1.0 - dropout_p)
         B, H, T, D = qs.shape
         S = k.shape[-2]
         dout = dout.contiguous()
@@ -119,12 +140,17 @@ class LearnedBiasAttention(torch.autograd.Function):
             dbias = qs.new_zeros(bias_shape)  # the keys no block reached get no gradient
         # The last block reaches every key: its gradients initialise dk and dv, the earlier
         # blocks' accumulate into their prefix of the keys in place (baddbmm_ on a view).
-        for p, (t0, t1, s1) in reversed(list(zip(probs, spans))):
+        for p, keep, (t0, t1, s1) in reversed(list(zip(probs, keeps, spans))):
             t = t1 - t0
             do = dout[:, :, t0:t1]
             dp = torch.matmul(do, v[:, :, :s1].transpose(-1, -2))
+            if keep is not None:  # through dropout: d(p) = d(dropped p) * keep / (1 - p)
+                dp *= keep
+                dp *= rescale
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # d(scores)
             del dp
+            if keep is not None:
+                p = p * keep * rescale  # what multiplied v
             if dk is None:
                 assert s1 == S
                 dv = torch.matmul(p.transpose(-1, -2), do)
@@ -142,4 +168,4 @@ class LearnedBiasAttention(torch.autograd.Function):
                 else:
                     dbias[..., t0:t1, :s1] = _sum_to(ds, bias_shape)
         dq *= scale
-        return dq, dk, dv, dbias, None, None
+        return dq, dk, dv, dbias, None, None, None
