@@ -6,12 +6,13 @@ dimensions, data=text on TinyStories, a BPE tokenizer of the bench vocabulary, t
 callbacks and CSV logger) and assembled with `lmlab.assemble.build_parts`; both sides then
 train that same task's backbone:
 
-- lightning_vs_raw: `Trainer.fit` with the run's callbacks and logger vs a plain loop doing
-  what a hand-written loop does for the clm objective (logits, fp32 cross-entropy on the
-  labels, backward, gradient clipping at `trainer.gradient_clip_val`, the run's optimizer and
-  schedule), both reading the run's DataLoader. (The task's fused output layer + loss is
-  part of what lmlab brings.) Timed from the end of the first step to the end of the last, so fit
-  start-up (and the end-of-run checkpoint) is not counted; ratio = lmlab time / raw time.
+- lightning_vs_raw: `Trainer.fit` with the run's callbacks and logger vs a plain loop over the
+  same module and loss function (the clm task's `causal_lm_loss`, backward, gradient clipping
+  at `trainer.gradient_clip_val`, the run's optimizer and schedule), both reading the run's
+  DataLoader: the ratio is what the Lightning loop and lmlab's callbacks cost, nothing else
+  (what the fused loss buys over a hand-written `F.cross_entropy` is the `train` bench's
+  business). Timed from the end of the first step to the end of the last, so fit start-up
+  (and the end-of-run checkpoint) is not counted; ratio = lmlab time / raw time.
 - data_pipeline: the raw step fed by the run's DataLoader (memory-mapped token windows,
   step-seeded sampler, collation) vs the same step on batches collected beforehand.
 """
@@ -26,16 +27,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import open_dict
 
 from bench.common import Row, Size, interleaved, synchronize, time_row
 from lmlab.assemble import build_parts
-from lmlab.data.collate import IGNORE_INDEX
 from lmlab.instantiate import instantiate_checked
 from lmlab.tasks.base import split_weight_decay
+from lmlab.tasks.clm import causal_lm_loss
 from lmlab.train import build_list
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,13 +94,9 @@ def rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
         clip = cfg.trainer.gradient_clip_val
 
         def raw_step(batch):
-            # What a hand-written loop would do: logits, then fp32 cross-entropy.
             ids = batch["input_ids"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
-            logits = backbone(ids)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                   ignore_index=IGNORE_INDEX)
-            loss.backward()
+            causal_lm_loss(backbone, ids, labels).backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(backbone.parameters(), clip)
             optimizer.step()
