@@ -63,6 +63,7 @@ def test_applies_only_to_a_learned_bias():
     assert not applies(q, k, torch.ones(1, 1, 4, 4, dtype=torch.bool), 0.0)
     assert not applies(q, k, None, 0.0)
     assert not applies(q, k[:, :1], learned, 0.0)  # grouped KV heads
+    assert not applies(q.bfloat16(), k.bfloat16(), learned.bfloat16(), 0.0)  # reduced precision: SDPA
 
 
 @pytest.mark.parametrize("name", ["causal-blocks", "bidirectional-shared-rows"])

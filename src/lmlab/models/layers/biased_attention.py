@@ -25,14 +25,18 @@ from torch import Tensor
 # matmuls; 128: less skipped work).
 ROWS_PER_BLOCK = 64
 
+# bf16/fp16 keep SDPA, whose handling of reduced precision stays the reference there: this path
+# was measured and tested in fp32/fp64 only.
+FULL_PRECISION = (torch.float32, torch.float64)
+
 
 def applies(q: Tensor, k: Tensor, attn_mask: Tensor | None, dropout_p: float = 0.0) -> bool:
     """Whether `learned_bias_attention` should replace SDPA for this call: a float mask that
-    needs a gradient, on the CPU, without grouped KV heads, outside torch.compile (inductor
-    generates its own kernels for the math path). `dropout_p` is accepted for the caller's
-    convenience: dropout is supported."""
+    needs a gradient, fp32/fp64 on the CPU, without grouped KV heads, outside torch.compile
+    (inductor generates its own kernels for the math path); any dropout below 1."""
     return (attn_mask is not None and attn_mask.requires_grad and attn_mask.is_floating_point()
-            and q.device.type == "cpu" and 0.0 <= dropout_p < 1.0 and q.shape[1] == k.shape[1]
+            and q.device.type == "cpu" and q.dtype in FULL_PRECISION
+            and 0.0 <= dropout_p < 1.0 and q.shape[1] == k.shape[1]
             and not torch.compiler.is_compiling())
 
 
