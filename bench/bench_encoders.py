@@ -112,8 +112,8 @@ def t5_row(size: Size, device: torch.device | str = "cpu") -> Row:
                       "t5")
 
     def lmlab_step():
-        logits = lmlab(src, src_mask, tgt_in)[..., : size.vocab].float()
-        return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten())
+        # As the seq2seq task computes it: the fused output layer + loss, real vocabulary only.
+        return lmlab(src, src_mask, tgt_in, labels=tgt_out, loss_vocab=size.vocab)
 
     def hf_step():
         return hf(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in,
