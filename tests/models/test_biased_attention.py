@@ -28,14 +28,29 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_matches_naive_reference(name):
-    causal, T, S, shape = CASES[name]
+def _inputs(T: int, S: int, bias_shape: tuple[int, ...]):
+    """(generator, q [2, 3, T, 8], k, v [2, 3, S, 8], a bias table), float64, needing gradients."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, 3, S, 8, generator=g, dtype=torch.float64, requires_grad=True)
             for _ in range(2))
-    table = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(bias_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    return g, q, k, v, table
+
+
+def _assert_same_values_and_gradients(ours, reference, inputs, g):
+    grad = torch.randn(reference.shape, generator=g, dtype=torch.float64)
+    ours_grads = torch.autograd.grad(ours, inputs, grad, retain_graph=True)
+    reference_grads = torch.autograd.grad(reference, inputs, grad)
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-10)
+    for a, b in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_naive_reference(name):
+    causal, T, S, shape = CASES[name]
+    g, q, k, v, table = _inputs(T, S, shape)
     allowed = torch.ones(T, S, dtype=torch.bool)
     if causal:
         allowed = allowed.tril(S - T)  # bottom-right aligned
@@ -46,12 +61,7 @@ def test_matches_naive_reference(name):
     bias = table.masked_fill(~allowed, float("-inf"))
     ours = learned_bias_attention(q, k, v, bias, causal=causal)
     reference = naive(q, k, v, bias)
-    grad = torch.randn(reference.shape, generator=g, dtype=torch.float64)
-    ours_grads = torch.autograd.grad(ours, (q, k, v, table), grad, retain_graph=True)
-    reference_grads = torch.autograd.grad(reference, (q, k, v, table), grad)
-    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-10)
-    for a, b in zip(ours_grads, reference_grads):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    _assert_same_values_and_gradients(ours, reference, (q, k, v, table), g)
 
 
 def test_applies_only_to_a_learned_bias():
@@ -69,11 +79,7 @@ def test_applies_only_to_a_learned_bias():
 @pytest.mark.parametrize("name", ["causal-blocks", "bidirectional-shared-rows"])
 def test_dropout_matches_naive_reference_with_the_same_keep_masks(name, monkeypatch):
     causal, T, S, shape = CASES[name]
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(2, 3, S, 8, generator=g, dtype=torch.float64, requires_grad=True)
-            for _ in range(2))
-    table = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    g, q, k, v, table = _inputs(T, S, shape)
     allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T) if causal else torch.ones(T, S).bool()
     bias = table.masked_fill(~allowed, float("-inf"))
     masks = []
@@ -88,12 +94,7 @@ def test_dropout_matches_naive_reference_with_the_same_keep_masks(name, monkeypa
     probs = (torch.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(8) + bias).softmax(-1)
     reference = torch.einsum("bhts,bhsd->bhtd", probs * keep / 0.8, v)
     assert 0.7 < keep[..., allowed].float().mean() < 0.9
-    grad = torch.randn(reference.shape, generator=g, dtype=torch.float64)
-    ours_grads = torch.autograd.grad(ours, (q, k, v, table), grad, retain_graph=True)
-    reference_grads = torch.autograd.grad(reference, (q, k, v, table), grad)
-    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-10)
-    for a, b in zip(ours_grads, reference_grads):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    _assert_same_values_and_gradients(ours, reference, (q, k, v, table), g)
 
 
 T5 = dict(family="encoder_decoder", vocab_size=50, d_model=32, n_layers=2, n_heads=4,
