@@ -136,3 +136,15 @@ def test_generation_sees_weights_changed_by_training(make_model):
     model.eval()
     assert torch.equal(generate(model, prompt, max_new_tokens=6),
                        generate(model, prompt, max_new_tokens=6, prepack=False))
+
+
+class _Subclass(torch.Tensor):
+    """Stands for FSDP2's DTensor weights: any tensor subclass keeps its own linear."""
+
+
+def test_tensor_subclass_weights_are_left_alone():
+    layer = nn.Linear(4, 4)
+    layer.weight = nn.Parameter(torch.Tensor._make_subclass(_Subclass, layer.weight.detach()))
+    model = nn.ModuleList([layer, nn.Linear(4, 4)])
+    with prepacked_linears(model) as n:
+        assert n == 1 and "forward" not in model[0].__dict__

@@ -54,8 +54,12 @@ def _eligible(module: nn.Module) -> bool:
     if module._forward_hooks or module._forward_pre_hooks:
         return False
     weight, bias = module.weight, module.bias
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and (bias is None or bias.dtype == torch.float32))
+    # Plain tensors only: a sharded weight (FSDP2's DTensor) or another tensor subclass cannot
+    # be concatenated or reordered into a plain tensor that the module's inputs still match.
+    plain = type(weight.detach()) is torch.Tensor and (bias is None
+                                                       or type(bias.detach()) is torch.Tensor)
+    return (plain and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and weight.dim() == 2 and (bias is None or bias.dtype == torch.float32))
 
 
 def _state(tensor: Tensor) -> tuple[int, int]:

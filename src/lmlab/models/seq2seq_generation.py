@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmlab.models.generation import inference_context
 from lmlab.models.prepack import prepacked_linears
 from lmlab.models.sampling import mask_padded_vocab
 
@@ -51,7 +52,7 @@ def generate_seq2seq(
     model.eval()
     try:
         # As in `generation.generate`: no autograd bookkeeping, prepacked CPU linears.
-        with torch.inference_mode(), prepacked_linears(model):
+        with inference_context(model), prepacked_linears(model):
             memory = model.encode(src_ids, src_mask)
             if num_beams == 1:
                 return _greedy(model, memory, src_mask, max_new_tokens, bos_id, eos_id,
