@@ -37,6 +37,7 @@ from bench.common import (
 from lmlab.models import ModelConfig, build_backbone
 from lmlab.models.generation import generate
 from lmlab.models.hf import export_hf
+from lmlab.precision import matmul_context
 from lmlab.tasks.clm import causal_lm_loss
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -81,9 +82,14 @@ def llama_pair(size: Size, device: torch.device | str = "cpu"
 
 def _loss(model, ids, labels, dtype: str, hf: bool) -> torch.Tensor:
     """One side's training loss: HF through `labels=`, lmlab through the clm task's function
-    (`model` is the backbone or its compiled module, as in a `model.compile=true` run)."""
+    (`model` is the backbone or its compiled module, as in a `model.compile=true` run) in the
+    matmul context of an lmlab run at that precision (`lmlab.precision`: on a CPU without bf16
+    GEMM, bf16 products on the fp32 kernel with bf16 rounding)."""
     with autocast(ids.device, dtype):
-        return model(input_ids=ids, labels=ids).loss if hf else causal_lm_loss(model, ids, labels)
+        if hf:
+            return model(input_ids=ids, labels=ids).loss
+        with matmul_context("bf16-mixed" if dtype == "bf16" else "32-true", ids.device):
+            return causal_lm_loss(model, ids, labels)
 
 
 def _train_step(model, ids, labels, optimizer, dtype, hf: bool) -> None:
@@ -138,7 +144,8 @@ def train_rows(size: Size, compiled: bool = True, device: torch.device | str = "
             tok = {n: size.tokens * steps / t for n, t in times.items()}
             notes = [f"logits equal to {diff:.0e}, losses to {loss_diff:.0e}"] if not rows else []
             if slow:
-                why = ("CPU without native bf16: emulated; no warm-up call" if slow_bf16
+                why = ("CPU without bf16 GEMM: HF runs the emulated bf16 kernel, lmlab bf16 "
+                       "products on the fp32 one (lmlab.precision); no warm-up call" if slow_bf16
                        else "compiled on CPU")
                 notes.append(f"{why}; {repeats} repeats of 1 step")
             rows.append(rate_row("train: gqa vs LlamaForCausalLM", f"{dtype} {mode}", tok["lmlab"],

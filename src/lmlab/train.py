@@ -34,6 +34,7 @@ from lmlab.errors import ConfigError, LmlabError
 from lmlab.instantiate import instantiate_checked
 from lmlab.loggers.wandb import finish_wandb_runs
 from lmlab.peft import parameter_counts
+from lmlab.precision import use_fp32_matmuls_for_emulated_bf16
 from lmlab.record import base_record, write_record
 from lmlab.requeue import install_requeue_bridge
 from lmlab.strategies import check_run
@@ -165,6 +166,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_run(cfg)  # strategy, processes, precision, DeepSpeed config, PEFT: before any process starts
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     use_run_config_launcher(trainer, cfg, overrides_of(cfg), ckpt_path)
+    if use_fp32_matmuls_for_emulated_bf16(trainer):
+        log.info("trainer.precision=%s on a CPU without bf16 GEMM kernels: matrix products run on "
+                 "the fp32 kernel with bf16-rounded operands and results (lmlab.precision)",
+                 trainer.precision)
     # Rank zero alone writes the run's files; the other ranks of a multi-process run share its directory.
     write_record = record_writer if trainer.is_global_zero else _no_record
     parts = build_parts(cfg, load_resume_source(ckpt_path) if ckpt_path else None)
