@@ -164,3 +164,21 @@ def test_lightning_steps_use_the_fp32_kernel_for_bf16_runs(precision):
         out = F.linear(x, w)
     assert recorder.dtypes == {torch.float32}
     assert out.dtype == (torch.float32 if precision == "32-true" else torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_compiled_models_trace_through_it():
+    """`model.compile=true` with a bf16 precision: dynamo traces the mode (its helpers are
+    module functions, which its guards can name) and the compiled step keeps the values."""
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    model = _tiny_backbone()
+    compiled = torch.compile(model)
+    losses = []
+    for module in (model, compiled):
+        with torch.autocast("cpu", torch.bfloat16), Bf16MatmulsInFp32():
+            loss = causal_lm_loss(module, ids, labels)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=4 * BF16_ULP)
+    torch._dynamo.reset()
