@@ -18,10 +18,14 @@ and prints a markdown table of pipeline / library (goal <= 1.1x) in wall time an
 CPU time (all threads; on a machine shared with other jobs the steadier measure), as a ratio of
 medians and as the median of each repeat's own ratio ("paired"). "same ids": the pipeline's
 array equals the library's ids (prefix ids dropped) and the whole text encoded in one call.
+`--control` times the library side a second time as a third interleaved variant and prints its
+paired ratio to the first: the spread of a call against itself, i.e. how far from 1.00x noise
+alone moves a ratio on this machine.
 
     python bench/bench_tokenizers.py            # 2 MiB, 7 repeats
     python bench/bench_tokenizers.py --quick    # 128 KiB, 5 repeats (< 30 s)
     RAYON_NUM_THREADS=1 python bench/bench_tokenizers.py --repeats 15 --kinds word bpe
+    python bench/bench_tokenizers.py --repeats 15 --kinds word bpe --control
 """
 
 from __future__ import annotations
@@ -141,7 +145,9 @@ def build(kind: str, train_text: str, cache: str) -> Tokenizer:
     return build_tokenizer({"kind": kind, "vocab_size": VOCAB_SIZE}, [train_text], cache_dir=cache)
 
 
-def bench(kind: str, tokenizer: Tokenizer, text: str, repeats: int) -> dict[str, object]:
+def bench(
+    kind: str, tokenizer: Tokenizer, text: str, repeats: int, control: bool = False
+) -> dict[str, object]:
     dtype = token_dtype(tokenizer.vocab_size)
     pipeline_encode(tokenizer, text[:1000])  # probes the continuation once, on neither clock
     direct = raw_encoder(tokenizer, text)
@@ -150,6 +156,8 @@ def bench(kind: str, tokenizer: Tokenizer, text: str, repeats: int) -> dict[str,
         "raw": (direct.prepare, direct.call),
         "pipeline": (lambda: text, lambda t: pipeline_encode(tokenizer, t)),
     }
+    if control:  # the library side once more: how far noise alone moves a ratio (A/A)
+        variants["control"] = (direct.prepare, direct.call)
     names = list(variants)
     # One untimed call each (allocator, caches); a call shorter than SAMPLE_S is repeated
     # within each timed sample, so timer and scheduler jitter do not swamp it (byte, char).
@@ -181,6 +189,9 @@ def bench(kind: str, tokenizer: Tokenizer, text: str, repeats: int) -> dict[str,
     for suffix, times in (("", wall), ("_cpu", cpu)):
         pairs = zip(times["pipeline"], times["raw"], strict=True)
         row[f"paired{suffix}"] = statistics.median(p / max(r, 1e-9) for p, r in pairs)
+        if control:
+            pairs = zip(times["control"], times["raw"], strict=True)
+            row[f"control{suffix}"] = statistics.median(c / max(r, 1e-9) for c, r in pairs)
     # Same ids as the library on the same strings, and as the whole text encoded at once
     # (cutting never changes a token); `pipeline` is in the token file's dtype.
     whole = np.asarray(tokenizer.encode(text), dtype=np.int64)
@@ -194,11 +205,13 @@ def bench(kind: str, tokenizer: Tokenizer, text: str, repeats: int) -> dict[str,
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
+    control = all("control" in r for r in rows)
     header = (
         "| kind | tokens | library s (cpu s) | pipeline s (cpu s) | pipeline / library: wall, "
         "cpu | paired: wall, cpu | pipeline MB/s | same ids |"
+        + (" library / itself, paired: wall, cpu |" if control else "")
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|" + ("---|" if control else "")]
     for r in rows:
         cells = [r["kind"], f"{r['tokens']:,}"]
         for name in ("raw", "pipeline"):
@@ -209,6 +222,8 @@ def markdown(rows: list[dict[str, object]]) -> str:
         )
         cells.append(f"{r['paired']:.2f}x, {r['paired_cpu']:.2f}x")
         cells += [f"{r['mb_per_s']:.1f}", "yes" if r["exact"] else "no"]
+        if control:
+            cells.append(f"{r['control']:.2f}x, {r['control_cpu']:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -220,6 +235,9 @@ def main() -> None:
         "--kinds", nargs="+", default=list(TOKENIZER_KINDS), choices=TOKENIZER_KINDS
     )
     parser.add_argument("--repeats", type=int, default=None, help="default: 7 (quick: 5)")
+    parser.add_argument(
+        "--control", action="store_true", help="also time the library against itself (A/A)"
+    )
     args = parser.parse_args()
     corpus = CORPUS.read_text(encoding="utf-8")
     text = corpus[: 128 * 1024] if args.quick else corpus
@@ -237,7 +255,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         for kind in args.kinds:
             tokenizer = build(kind, corpus[:train_chars], cache)
-            rows.append(bench(kind, tokenizer, text, repeats))
+            rows.append(bench(kind, tokenizer, text, repeats, args.control))
     print(markdown(rows))
 
 
