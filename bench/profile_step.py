@@ -4,9 +4,13 @@ compiling it, each measured the same way in one process.
 
     python -m bench.profile_step --out profile.txt [--batch 16] [--variants eager backbone step]
 
-Variants: `eager` (no compile); `backbone` (what `model.compile=true` compiles today: the
-backbone, the cross-entropy over fp32 logits outside); `step` (backbone and loss in one
-compiled function, so the logits' upcast, log-softmax and its gradient fuse).
+Variants: `eager` (no compile); `backbone` (the backbone compiled, the cross-entropy over fp32
+logits outside); `step` (backbone and that loss in one compiled function, so the logits' upcast,
+log-softmax and its gradient fuse); `fused` (what `model.compile=true` runs: the compiled
+backbone called with `labels=`, its chunked fused output layer + loss traced into the graph);
+`fused-graphs` and `step-graphs` (the same under `mode="reduce-overhead"`: CUDA graphs).
+`fused` against `step` says whether the chunked loss or inductor's full-logits loss is faster
+on the GPU at hand; the `-graphs` variants what launch overhead costs.
 FLOPs are lmlab's analytic count (`describe.TrainingFlops`), the peak the GPU table's bf16.
 """
 
@@ -38,6 +42,13 @@ def loss_of(model):
     return loss
 
 
+def fused_loss_of(model):
+    def loss(ids, labels):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(ids, labels=labels, ignore_index=-100)
+    return loss
+
+
 def measure(variant: str, config: ModelConfig, args: argparse.Namespace,
             peak: float | None) -> list[str]:
     """[summary line, kernel table] of one variant."""
@@ -51,12 +62,21 @@ def measure(variant: str, config: ModelConfig, args: argparse.Namespace,
         loss_fn = loss_of(torch.compile(model))
     elif variant == "step":
         loss_fn = torch.compile(loss_of(model))
+    elif variant == "step-graphs":
+        loss_fn = torch.compile(loss_of(model), mode="reduce-overhead")
+    elif variant == "fused":
+        loss_fn = fused_loss_of(torch.compile(model))
+    elif variant == "fused-graphs":
+        loss_fn = fused_loss_of(torch.compile(model, mode="reduce-overhead"))
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), device="cuda")
     labels = torch.roll(ids, -1, 1)
 
     def step():
+        # CUDA graph trees (the -graphs variants) reuse their output memory from one replay to
+        # the next: this marks where one training step ends (no effect without graphs).
+        torch.compiler.cudagraph_mark_step_begin()
         loss = loss_fn(ids, labels)
         loss.backward()
         optimizer.step()
@@ -95,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--variants", nargs="+", default=["backbone", "step"])
+    p.add_argument("--variants", nargs="+", default=["step", "fused", "fused-graphs"],
+                   choices=["eager", "backbone", "step", "step-graphs", "fused", "fused-graphs"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_step needs a CUDA GPU", file=sys.stderr)
