@@ -54,6 +54,8 @@ def compose_run(size: Size, out: Path, steps: int, device: torch.device | str = 
         "data=text", f"data.path={CORPUS}", f"data.seq_len={size.seq_len}",
         f"data.batch_size={size.batch}", "data.tokenizer_train_chars=1000000",
         "tokenizer=bpe", f"tokenizer.vocab_size={size.vocab}",
+        # fp32 on both sides (the raw loop has no autocast), whatever `auto` would pick.
+        "trainer.precision=32-true",
         f"trainer.max_steps={steps}", "trainer.limit_val_batches=0",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "validate_after_fit=false", "test=false", "print_config=false",

@@ -182,3 +182,35 @@ def test_compiled_models_trace_through_it():
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=4 * BF16_ULP)
     torch._dynamo.reset()
+
+
+def _trainer_cfg(**fields):
+    from omegaconf import OmegaConf
+    return OmegaConf.create({"trainer": {"accelerator": "auto", "devices": 1, **fields}})
+
+
+def test_auto_precision_is_bf16_where_bf16_gemms_are_native(monkeypatch):
+    import lmlab.precision as precision
+
+    cfg = _trainer_cfg(precision="auto")
+    expected = "bf16-mixed" if native_bf16_matmul("cpu") else "32-true"
+    if not torch.cuda.is_available():
+        assert precision.resolve_auto_precision(cfg) == expected
+        assert cfg.trainer.precision == expected
+    monkeypatch.setattr(precision, "native_bf16_matmul", lambda device: True)  # an AMX CPU
+    assert precision.auto_precision("cpu") == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported, resolved in ((True, "bf16-mixed"), (False, "32-true")):  # Ampere+, older
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        cfg = _trainer_cfg(precision="auto", accelerator="gpu")
+        assert precision.resolve_auto_precision(cfg) == resolved
+        assert cfg.trainer.precision == resolved
+
+
+def test_an_explicit_precision_is_kept():
+    from lmlab.precision import resolve_auto_precision
+
+    for value in ("32-true", "bf16-mixed", "bf16-true"):
+        cfg = _trainer_cfg(precision=value)
+        assert resolve_auto_precision(cfg) is None
+        assert cfg.trainer.precision == value

@@ -17,6 +17,9 @@ attention, the optimizer) keeps its bf16/autocast behaviour.
 `use_fp32_matmuls_for_emulated_bf16(trainer)` turns it on for a Lightning run's steps (the
 precision plugin's forward context: training, validation, test, predict) when the run is bf16 on
 such a CPU; elsewhere it changes nothing.
+
+`trainer.precision: auto` (the default) is resolved here too: bf16 wherever the hardware has
+bf16 matrix kernels, fp32 where bf16 would be emulated.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ _MATMULS: frozenset[Callable[..., Any]] = frozenset({
     Tensor.addmm, Tensor.baddbmm,
 })
 BF16_PRECISIONS = ("bf16-mixed", "bf16-true")
+AUTO = "auto"
 
 
 def native_bf16_matmul(device: torch.device | str) -> bool:
@@ -127,3 +131,29 @@ def use_fp32_matmuls_for_emulated_bf16(trainer) -> bool:
     # one Lightning built, checkpoint state and gradient clipping included.
     plugin.forward_context = forward_context
     return True
+
+
+def auto_precision(device_type: str) -> str:
+    """What `trainer.precision=auto` means on `device_type` ("cpu" or "gpu"): bf16 autocast
+    where bf16 GEMMs are native (a CUDA GPU that supports bf16, a CPU with AVX512-BF16/AMX),
+    else 32-true (older GPUs; CPUs that would emulate bf16, where it is slower than fp32 even
+    with `Bf16MatmulsInFp32`)."""
+    if device_type == "gpu":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if native_bf16_matmul("cpu") else "32-true"
+
+
+def resolve_auto_precision(cfg) -> str | None:
+    """Replace `trainer.precision: auto` in the run config `cfg` by the concrete precision for
+    the accelerator it will use (before the Trainer is built; Lightning knows no "auto"), and
+    return it; None when the precision was given explicitly."""
+    from omegaconf import open_dict
+
+    from lmlab.strategies.check import strategy_info
+
+    if str(cfg.trainer.get("precision", "32-true")) != AUTO:
+        return None
+    resolved = auto_precision(strategy_info(cfg.trainer).accelerator)
+    with open_dict(cfg.trainer):
+        cfg.trainer.precision = resolved
+    return resolved

@@ -34,7 +34,7 @@ from lmlab.errors import ConfigError, LmlabError
 from lmlab.instantiate import instantiate_checked
 from lmlab.loggers.wandb import finish_wandb_runs
 from lmlab.peft import parameter_counts
-from lmlab.precision import use_fp32_matmuls_for_emulated_bf16
+from lmlab.precision import resolve_auto_precision, use_fp32_matmuls_for_emulated_bf16
 from lmlab.record import base_record, write_record
 from lmlab.requeue import install_requeue_bridge
 from lmlab.strategies import check_run
@@ -163,6 +163,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = build_list(cfg.get("callbacks"), "callbacks") + compression.callbacks()
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    precision = resolve_auto_precision(cfg)
+    if precision:
+        log.info("trainer.precision=auto: %s on this hardware", precision)
     check_run(cfg)  # strategy, processes, precision, DeepSpeed config, PEFT: before any process starts
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     use_run_config_launcher(trainer, cfg, overrides_of(cfg), ckpt_path)
