@@ -52,6 +52,7 @@ PRODUCTS = {
     "addmm": lambda x, w, b, y: torch.addmm(b, x, w.t()),
     "bmm": lambda x, w, b, y: torch.bmm(y, y.transpose(1, 2)),
     "baddbmm": lambda x, w, b, y: torch.baddbmm(y @ y.transpose(1, 2), y, y.transpose(1, 2)),
+    "einsum": lambda x, w, b, y: torch.einsum("btd,bsd->bts", y, y),
 }
 
 

@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-# The matrix products autocast runs in bf16 on CPU (its lower-precision list) that models call.
+# The matrix products autocast runs in bf16 on CPU (its lower-precision list) that models call,
+# and einsum, whose contractions autocast sends to bf16 `bmm` below the Python level.
 _MATMULS: frozenset[Callable[..., Any]] = frozenset({
-    F.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm,
+    F.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.einsum,
     Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, Tensor.mm, Tensor.bmm,
     Tensor.addmm, Tensor.baddbmm,
 })
