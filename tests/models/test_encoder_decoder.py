@@ -215,3 +215,35 @@ def test_forward_with_labels_is_the_cross_entropy_of_the_real_vocab(tie, smoothi
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
     for (name, _), a, b in zip(model.named_parameters(), fused_grads, reference_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+
+def test_fused_memory_projection_changes_no_value_or_gradient(monkeypatch):
+    """Cross-attention keys and values projected by one matmul against the separate
+    projections: same loss and gradients, same parameter names. A hooked projection keeps
+    its own module."""
+    import lmlab.models.layers.cross_attention as cross_attention
+    import lmlab.models.layers.fused_projection as fused_projection
+
+    model = _model(**T5).train()
+    names = [name for name, _ in model.named_parameters()]
+    src, src_mask, tgt = _batch()
+    calls, hook_calls = [], []
+    monkeypatch.setattr(cross_attention, "concatenated_linear",
+                        lambda *a: calls.append(1) or fused_projection.concatenated_linear(*a))
+    model.decoder.layers[1].cross_attn.v_proj.register_forward_hook(
+        lambda *a: hook_calls.append(1))
+
+    def step():
+        out = model(src, src_mask, tgt)
+        return out, torch.autograd.grad(out.square().sum(), list(model.parameters()))
+
+    fused, fused_grads = step()
+    assert calls == [1] and hook_calls == [1]  # layer 0 fused, layer 1 through its modules
+    assert [name for name, _ in model.named_parameters()] == names
+    monkeypatch.setattr(cross_attention, "fusable", lambda parts: False)
+    separate, separate_grads = step()
+    assert calls == [1]
+    torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(names, fused_grads, separate_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)

@@ -90,12 +90,14 @@ class LearnedBiasAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float,  # type: ignore[override]
                 causal: bool, dropout_p: float) -> Tensor:
         # Contiguous [B, H, T, D] once, so every block below is a view the matmuls take as is.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        k, v = k.contiguous(), v.contiguous()
         B, H, T, D = q.shape
         S = k.shape[-2]
         spans = _spans(T, S, causal)
         out = q.new_empty(B, T, H, D).transpose(1, 2)
-        qs = q * scale  # kept for backward: d(k) = d(scores)^T (q * scale)
+        # q * scale, kept for backward (d(k) = d(scores)^T (q * scale)), written contiguous in
+        # the same pass that would otherwise only copy q out of the projection's layout.
+        qs = torch.mul(q, scale, out=torch.empty_like(q, memory_format=torch.contiguous_format))
         probs, keeps = [], []
 
         def dropped(p: Tensor) -> Tensor:
@@ -134,18 +136,20 @@ class LearnedBiasAttention(torch.autograd.Function):
         scale, spans, bias_shape, dropout_p = ctx.scale, ctx.spans, ctx.bias_shape, ctx.dropout_p
         probs = saved[:len(spans)]
         keeps = saved[len(spans):] or [None] * len(spans)
+        need_bias = ctx.needs_input_grad[3]
         rescale = 1.0 / (1.0 - dropout_p)
         B, H, T, D = qs.shape
         S = k.shape[-2]
+        n = B * H
         dout = dout.contiguous()
         dq = torch.empty_like(qs)
         dk = dv = dbias = None
-        if ctx.needs_input_grad[3] and len(spans) > 1:
+        if need_bias and len(spans) > 1:
             dbias = qs.new_zeros(bias_shape)  # the keys no block reached get no gradient
         # The last block reaches every key: its gradients initialise dk and dv, the earlier
-        # blocks' accumulate into their prefix of the keys in place (baddbmm_ on a view).
+        # blocks' are added to their prefix of the keys (a matmul into a fresh tensor, then one
+        # add: `baddbmm_` into the strided prefix view fell back to one tiny GEMM per head).
         for p, keep, (t0, t1, s1) in reversed(list(zip(probs, keeps, spans))):
-            t = t1 - t0
             do = dout[:, :, t0:t1]
             dp = torch.matmul(do, v[:, :, :s1].transpose(-1, -2))
             if keep is not None:  # through dropout: d(p) = d(dropped p) * keep / (1 - p)
@@ -160,16 +164,18 @@ class LearnedBiasAttention(torch.autograd.Function):
                 dv = torch.matmul(p.transpose(-1, -2), do)
                 dk = torch.matmul(ds.transpose(-1, -2), qs[:, :, t0:t1])
             else:
-                n = B * H
-                dv[:, :, :s1].view(n, s1, D).baddbmm_(p.view(n, t, s1).transpose(1, 2),
-                                                      do.reshape(n, t, D))
-                dk[:, :, :s1].view(n, s1, D).baddbmm_(ds.view(n, t, s1).transpose(1, 2),
-                                                      qs[:, :, t0:t1].reshape(n, t, D))
-            dq[:, :, t0:t1] = torch.matmul(ds, k[:, :, :s1])
-            if ctx.needs_input_grad[3]:
+                dv[:, :, :s1] += torch.matmul(p.transpose(-1, -2), do)
+                dk[:, :, :s1] += torch.matmul(ds.transpose(-1, -2), qs[:, :, t0:t1])
+            # d(q) = d(scores) k * scale: the scale goes into the GEMM (alpha) or into the copy
+            # into d(q)'s rows, not into a separate pass.
+            if len(spans) == 1:
+                dq.view(n, T, D).baddbmm_(ds.view(n, T, S), k.view(n, S, D), beta=0.0,
+                                          alpha=scale)
+            else:
+                torch.mul(torch.matmul(ds, k[:, :, :s1]), scale, out=dq[:, :, t0:t1])
+            if need_bias:
                 if dbias is None:
                     dbias = _sum_to(ds, bias_shape)
                 else:
                     dbias[..., t0:t1, :s1] = _sum_to(ds, bias_shape)
-        dq *= scale
         return dq, dk, dv, dbias, None, None, None

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmlab.models.layers.attention import MultiHeadAttention, eager_attention, prepend_prefix
+from lmlab.models.layers.fused_projection import concatenated_linear, fusable
 
 
 class CrossAttention(MultiHeadAttention):
@@ -33,6 +34,12 @@ class CrossAttention(MultiHeadAttention):
     def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory [B, S, d_model] -> keys, values [B, n_kv_heads, S, head_dim]."""
         B, S, _ = memory.shape
+        if fusable((self.k_proj, self.v_proj)):
+            # unbind, not slicing: its backward writes both gradients into one tensor, where
+            # each slice's would fill a zero tensor of the whole and add them.
+            kv = concatenated_linear((self.k_proj, self.v_proj), memory)
+            k, v = kv.view(B, S, 2, self.n_kv_heads, self.head_dim).unbind(2)
+            return k.transpose(1, 2), v.transpose(1, 2)
         k = self.k_proj(memory).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(memory).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
