@@ -83,7 +83,11 @@ class _Clock(L.Callback):
 
 
 def rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
-    steps = size.steps + 1  # the first step (iterator start, warm-up) is not timed
+    # Twice the size's steps per call and two more repeats than the other benches: the two
+    # rows compare 3 % and 2 % differences, and at 5 repeats of 2 steps the raw loop's own
+    # median moved by 7 % between two quiet runs (1.51 vs 1.61 s/step).
+    timed_steps, repeats = 2 * size.steps, size.repeats + 2
+    steps = timed_steps + 1  # the first step (iterator start, warm-up) is not timed
     device = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_run(size, Path(tmp) / "run", steps, device)
@@ -113,7 +117,7 @@ def rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
             raw_step(next(it))
             synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
-            for batch in itertools.islice(it, size.steps):
+            for batch in itertools.islice(it, timed_steps):
                 raw_step(batch)
             synchronize(device)
             return time.perf_counter() - start, time.process_time() - start_cpu
@@ -137,18 +141,20 @@ def rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
         interleaved({"lightning": timed("lightning", lightning),
                      "raw": timed("raw", lambda: raw_loop(dm.train_dataloader())),
                      "resident": timed("resident", lambda: raw_loop(resident))},
-                    size.repeats, device=device)
+                    repeats, device=device)
     # interleaved() times whole calls (with set-up); the medians of the in-loop times are
     # what compares the loops.
-    per_step = {k: statistics.median(w for w, _ in v[1:]) / size.steps for k, v in measured.items()}
+    per_step = {k: statistics.median(w for w, _ in v[1:]) / timed_steps for k, v in measured.items()}
     cpu = {k: statistics.median(c for _, c in v[1:]) for k, v in measured.items()}
     on_cpu = device.type == "cpu"  # CPU time means nothing while the host waits for a GPU
     return [
         time_row("lightning_vs_raw: lmlab run vs raw PyTorch loop", "s/step, fp32, same module "
-                 "and batches (goal: ≥ 0.97x the raw loop's speed)",
+                 f"and batches, {repeats} repeats of {timed_steps} steps (goal: ≥ 0.97x the raw "
+                 "loop's speed)",
                  per_step["lightning"], per_step["raw"], LIGHTNING_GOAL,
                  cpu_ratio=cpu["lightning"] / cpu["raw"] if on_cpu else None),
-        time_row("data_pipeline: real loader vs resident tensors", "s/step, fp32 raw step",
+        time_row("data_pipeline: real loader vs resident tensors",
+                 f"s/step, fp32 raw step, {repeats} repeats of {timed_steps} steps",
                  per_step["raw"], per_step["resident"], DATA_GOAL,
                  cpu_ratio=cpu["raw"] / cpu["resident"] if on_cpu else None),
     ]
