@@ -138,6 +138,36 @@ def test_generation_sees_weights_changed_by_training(make_model):
                        generate(model, prompt, max_new_tokens=6, prepack=False))
 
 
+def test_fused_optimizer_steps_are_seen_after_clear_prepacked(make_model):
+    """Fused AdamW (lmlab's default) writes the weights without bumping their version counters,
+    so the cache key cannot see its steps: evaluation starts with `clear_prepacked()`."""
+    model = make_model(n_kv_heads=2, init_std=0.2)
+    prompt = torch.randint(1, 50, (2, 4))
+    generate(model, prompt, max_new_tokens=4)  # packs the weights
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    versions = [p._version for p in model.parameters()]
+    model.train()
+    model(prompt).logsumexp(-1).mean().backward()
+    optimizer.step()
+    model.eval()
+    assert [p._version for p in model.parameters()] == versions  # the hazard
+    prepack.clear_prepacked()
+    assert torch.equal(generate(model, prompt, max_new_tokens=6),
+                       generate(model, prompt, max_new_tokens=6, prepack=False))
+
+
+def test_tasks_clear_prepacked_weights_before_every_evaluation(make_model):
+    from lmlab.tasks.base import LMTask
+
+    model = make_model(n_kv_heads=2)  # kept alive: the caches hold its weights weakly
+    for hook in (LMTask.on_validation_epoch_start, LMTask.on_test_epoch_start,
+                 LMTask.on_predict_epoch_start):
+        generate(model, torch.randint(1, 50, (2, 4)), max_new_tokens=2)
+        assert len(prepack._REORDERED) > 0
+        hook(None)
+        assert len(prepack._REORDERED) == 0 and len(prepack._FUSED) == 0
+
+
 class _Subclass(torch.Tensor):
     """Stands for FSDP2's DTensor weights: any tensor subclass keeps its own linear."""
 

@@ -11,7 +11,9 @@ matmuls take ~20 % less time, the [8, 384] x [384, 8192] output layer half. Resu
 Reordering costs about as much as it saves over one 64-token generation, so the reordered
 copy is kept (one extra copy of each eligible weight, freed with the weight) and reused while the
 weight is unchanged: its in-place version counter and storage are part of the key, so an
-optimizer step or a `load_state_dict` makes the next generation reorder again.
+in-place write or a `load_state_dict` makes the next generation reorder again. Fused optimizers
+write without bumping the version counter: after their steps `clear_prepacked()` must run (lmlab's
+tasks call it at the start of each validation/test/predict epoch).
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ MIN_PREPACKED_NUMEL = 1 << 17
 _REORDERED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # q_proj.weight -> (versions and storages of q/k/v weights and biases, fused weight, bias).
 _FUSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def clear_prepacked() -> None:
+    """Forget every reordered and fused copy. Needed after weights were written by something
+    that bumps no version counter: fused optimizers (`torch.optim.AdamW(fused=True)`, lmlab's
+    default) update parameters in place without it, so the next generation would run on the
+    copies of the weights before the step. Tasks call it at the start of every evaluation."""
+    _REORDERED.clear()
+    _FUSED.clear()
 
 
 def prepack_available() -> bool:

@@ -15,6 +15,7 @@ from torchmetrics import SumMetric
 
 from lmlab.checkpoint import METADATA_KEY, tokenizer_files
 from lmlab.errors import ConfigError
+from lmlab.models.prepack import clear_prepacked
 from lmlab.tokenizers import Tokenizer
 
 
@@ -137,6 +138,19 @@ class LMTask(L.LightningModule):
         # the state dict and checkpoints do not change.
         compiled = getattr(getattr(backbone, "config", None), "compile", False)
         self.__dict__["_compiled_backbone"] = torch.compile(backbone) if compiled else None
+
+    def on_validation_epoch_start(self) -> None:
+        # Generation's prepacked weight copies are keyed on version counters, which the fused
+        # AdamW (the default optimizer) does not bump: without this, every evaluation after the
+        # first generated with the weights of the first (the default run's exact-match accuracy
+        # fell from 0.91 to 0.07 while its loss was right).
+        clear_prepacked()
+
+    def on_test_epoch_start(self) -> None:
+        clear_prepacked()
+
+    def on_predict_epoch_start(self) -> None:
+        clear_prepacked()
 
     def step_backbone(self) -> nn.Module:
         """The backbone module a step calls: the compiled one while training under
