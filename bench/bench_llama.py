@@ -28,7 +28,6 @@ from bench.common import (
     adamw,
     autocast,
     cpu_speedup,
-    emulated_bf16,
     interleaved,
     not_run,
     rate_row,
@@ -37,7 +36,7 @@ from bench.common import (
 from lmlab.models import ModelConfig, build_backbone
 from lmlab.models.generation import generate
 from lmlab.models.hf import export_hf
-from lmlab.precision import matmul_context
+from lmlab.precision import emulated_bf16, matmul_context
 from lmlab.tasks.clm import causal_lm_loss
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -110,7 +109,7 @@ def train_rows(size: Size, compiled: bool = True, device: torch.device | str = "
     if loss_diff > 1e-4:
         raise AssertionError(f"lmlab and HF Llama losses differ by {loss_diff}")
     optimizers = {name: adamw(m) for name, m in (("lmlab", lmlab), ("hf", hf))}
-    emulated = emulated_bf16(device)
+    emulated = emulated_bf16("bf16-mixed", device)
     cpu = torch.device(device).type == "cpu"
     started = time.perf_counter()
     rows = []

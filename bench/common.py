@@ -70,11 +70,6 @@ def autocast(device: torch.device | str, dtype: str):
     return contextlib.nullcontext()
 
 
-def emulated_bf16(device: torch.device | str) -> bool:
-    """A CPU without AVX512-BF16/AMX emulates bf16 (~8x slower than fp32 here)."""
-    return torch.device(device).type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 @dataclass
 class Row:
     """One comparison of the results table."""
