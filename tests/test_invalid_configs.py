@@ -40,6 +40,7 @@ CASES = [
     (["model.hf_path=/nonexistent/model"], "model.hf_path"),
     (["model.activation_checkpointing=sometimes"], "model.activation_checkpointing"),
     (["model.compile=sometimes"], "model.compile"),
+    (["model.compile=true", "model.compile_mode=fastest"], "model.compile_mode"),
     (["model.position=learned", "data=text", "tokenizer=char", "data.seq_len=128", "model.max_seq_len=64"], "data.seq_len"),
     # tasks vs families vs data
     (["task.name=translate"], "task.name"),

@@ -46,7 +46,7 @@ def model_config_from(cfg: DictConfig, init: InitSource | None) -> ModelConfig:
         # The architecture is the checkpoint's; only settings that leave shapes alone follow cfg.
         model_cfg = ModelConfig.from_dict(init.model_config)
         user = to_container(cfg.model)
-        for key in ("dropout", "attn_impl", "activation_checkpointing", "compile"):
+        for key in ("dropout", "attn_impl", "activation_checkpointing", "compile", "compile_mode"):
             if key in user:
                 setattr(model_cfg, key, user[key])
     else:

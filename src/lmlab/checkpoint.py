@@ -141,7 +141,7 @@ def load_init_source(path: str | Path) -> InitSource:
 
 # Settings a resumed run may change: they alter no tensor shape and no id's meaning.
 RESUME_MAY_CHANGE = {"vocab_size", "dropout", "attn_impl", "hf_id_offset", "activation_checkpointing",
-                     "compile"}
+                     "compile", "compile_mode"}
 
 
 @dataclass

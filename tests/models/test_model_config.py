@@ -30,9 +30,17 @@ def test_n_kv_heads_must_divide_n_heads_and_lists_valid_values():
     assert err.valid == "1, 2, 4, 8"
 
 
-@pytest.mark.parametrize("field", ["position", "norm", "ffn", "attn_impl", "family"])
+@pytest.mark.parametrize("field", ["position", "norm", "ffn", "attn_impl", "family", "compile_mode"])
 def test_unknown_choice(field):
     _raises(f"model.{field}", **{field: "bogus"})
+
+
+def test_compile_mode_lists_torch_compiles_modes():
+    err = _raises("model.compile_mode", compile_mode="fast")
+    assert "fast" in str(err)
+    for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        assert mode in str(err)
+        ModelConfig(compile=True, compile_mode=mode).validate()
 
 
 @pytest.mark.parametrize("field,value", [("d_model", 0), ("n_layers", -1), ("n_heads", 2.0),

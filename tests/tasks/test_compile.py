@@ -3,22 +3,27 @@ eager and the state dict (checkpoints) does not change."""
 
 from __future__ import annotations
 
+import math
+
+import lightning as L
 import pytest
 import torch
 
+from lmlab.data import TextCorpusDataModule
+from lmlab.models.config import COMPILE_MODES
 from lmlab.tasks import CausalLMTask
 from lmlab.tokenizers import build_tokenizer
+from tests.conftest import SHAKESPEARE
 from tests.tasks.conftest import adamw, tiny_backbone
 
-pytestmark = pytest.mark.slow
 
-
-def _task(compile_: bool) -> CausalLMTask:
+def _task(compile_: bool, **model) -> CausalLMTask:
     tokenizer = build_tokenizer({"kind": "byte"})
-    backbone = tiny_backbone("decoder", tokenizer.vocab_size, compile=compile_, n_layers=1)
+    backbone = tiny_backbone("decoder", tokenizer.vocab_size, compile=compile_, n_layers=1, **model)
     return CausalLMTask(backbone, tokenizer, adamw())
 
 
+@pytest.mark.slow
 def test_compiled_training_forward_matches_eager():
     eager, compiled = _task(False), _task(True)
     assert compiled.state_dict().keys() == eager.state_dict().keys()
@@ -35,3 +40,93 @@ def test_compiled_training_forward_matches_eager():
     assert compiled._compiled_backbone is not None
     with torch.no_grad():  # evaluation takes the eager module (no compile for new shapes)
         torch.testing.assert_close(compiled(ids[:, :5]), eager(ids[:, :5]))
+
+
+# -- model.compile_mode -------------------------------------------------------------------------
+
+class _Losses(L.Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def _train_losses(tmp_path, mode: str | None, steps: int = 6, accumulate: int = 2) -> list[float]:
+    """Per-micro-batch training losses of a tiny clm fit; mode None = eager."""
+    text = tmp_path / "a.txt"
+    text.write_text(SHAKESPEARE.read_text()[:20000])
+    dm = TextCorpusDataModule(path=text, seq_len=16, batch_size=4, max_eval_windows=4,
+                              tokenizer={"kind": "char"})
+    dm.setup()
+    compiled = {} if mode is None else {"compile": True, "compile_mode": mode}
+    task = CausalLMTask(tiny_backbone("decoder", dm.tokenizer.vocab_size, n_layers=1, **compiled),
+                        dm.tokenizer, adamw(1e-2), eval_generation=False)
+    losses = _Losses()
+    trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulate, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[losses])
+    trainer.fit(task, datamodule=dm)
+    return losses.losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compile_modes_train_as_eager_does(tmp_path, mode):
+    """Both kinds of mode (CUDA graphs, which torch skips on a CPU; autotuned kernels) train with
+    gradient accumulation and reach the eager run's losses, step by step."""
+    eager = _train_losses(tmp_path, None)
+    compiled = _train_losses(tmp_path, mode)
+    assert len(compiled) == len(eager) == 12
+    assert all(math.isfinite(x) for x in compiled)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert sum(compiled[-4:]) < sum(compiled[:4])
+
+
+@pytest.mark.parametrize("mode", COMPILE_MODES)
+def test_the_mode_reaches_torch_compile(monkeypatch, mode):
+    calls = []
+    real_compile = torch.compile
+
+    def recording_compile(model, **kwargs):
+        calls.append(kwargs)
+        return real_compile(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    task = _task(True, compile_mode=mode)
+    assert calls == [{"mode": mode}]
+    assert task.cuda_graph_steps == (mode in ("reduce-overhead", "max-autotune"))
+    assert not _task(False, compile_mode=mode).cuda_graph_steps  # nothing compiled, no graphs
+
+
+def test_graphed_training_steps_are_marked_for_the_graph_trees(monkeypatch):
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    graphed, plain = _task(True, compile_mode="reduce-overhead"), _task(True)
+    graphed.train(), plain.train()
+    assert graphed.step_backbone() is graphed._compiled_backbone and len(marks) == 1
+    assert plain.step_backbone() is plain._compiled_backbone and len(marks) == 1
+    graphed.eval()  # evaluation is eager: no graphs, no mark
+    assert graphed.step_backbone() is graphed.backbone and len(marks) == 1
+
+
+def test_graphed_runs_accumulate_into_gradient_buffers_of_their_own():
+    """Under CUDA graphs, `.grad` must never be the graphed backward's output (the next
+    micro-batch's replay overwrites it): zero_grad allocates buffers once and zeroes them in
+    place; other modes keep Lightning's set-to-None."""
+    task = _task(True, compile_mode="reduce-overhead")
+    optimizer = adamw()(task.parameters())
+    task.optimizer_zero_grad(0, 0, optimizer)
+    grads = [p.grad for p in task.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+    for p in task.parameters():
+        p.grad.add_(1.0)
+    task.optimizer_zero_grad(0, 1, optimizer)
+    assert all(p.grad is g and not g.any() for p, g in zip(task.parameters(), grads))
+
+    plain = _task(True, compile_mode="max-autotune-no-cudagraphs")
+    for p in plain.parameters():
+        p.grad = torch.ones_like(p)
+    plain.optimizer_zero_grad(0, 0, adamw()(plain.parameters()))
+    assert all(p.grad is None for p in plain.parameters())

@@ -28,6 +28,9 @@ MIXERS = ("attention", "mamba")
 LAYER_LETTERS = {"A": "attention", "M": "mamba"}
 ROUTERS = ("topk", "expert_choice")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+# torch.compile's modes; the two named here capture the step in CUDA graphs (on a GPU).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 # SwiGLU's hidden size is rounded up to this so its matmuls tile well on accelerators.
 _SWIGLU_MULTIPLE = 64
@@ -73,6 +76,8 @@ class ModelConfig:
     activation_checkpointing: bool = False
     # torch.compile the backbone's training forward (the task does it; evaluation stays eager).
     compile: bool = False
+    # torch.compile's `mode=` for it: CUDA graphs take the per-kernel launch cost off the host.
+    compile_mode: str = "default"
     # Mixture of experts, Mamba / hybrid mixers, attention and RoPE variants (issue 3, A2).
     expert_ffn: str = "gelu"
     n_experts: int = 8
@@ -172,6 +177,7 @@ class ModelConfig:
         check_choice("model.norm", self.norm, NORMS)
         check_choice("model.position", self.position, POSITIONS)
         check_choice("model.attn_impl", self.attn_impl, ATTN_IMPLS)
+        check_choice("model.compile_mode", self.compile_mode, COMPILE_MODES)
         if self.hf_path is not None and not Path(self.hf_path).is_dir():
             raise ConfigError("model.hf_path", self.hf_path, "a local Hugging Face model directory",
                               "no such directory (nothing is downloaded)")

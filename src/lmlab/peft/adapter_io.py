@@ -32,7 +32,8 @@ from lmlab.errors import ConfigError
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 # Architecture fields that may differ between the base and the adapter's run (shapes unchanged).
-MAY_DIFFER = {"dropout", "attn_impl", "hf_id_offset", "activation_checkpointing", "compile"}
+MAY_DIFFER = {"dropout", "attn_impl", "hf_id_offset", "activation_checkpointing", "compile",
+              "compile_mode"}
 
 
 def trainable_keys(module: nn.Module) -> list[str]:

@@ -15,6 +15,7 @@ from torchmetrics import SumMetric
 
 from lmlab.checkpoint import METADATA_KEY, tokenizer_files
 from lmlab.errors import ConfigError
+from lmlab.models.config import CUDAGRAPH_COMPILE_MODES
 from lmlab.models.prepack import clear_prepacked
 from lmlab.tokenizers import Tokenizer
 
@@ -136,8 +137,13 @@ class LMTask(L.LightningModule):
         # model.compile: training steps call a compiled backbone; evaluation and generation
         # (other shapes, a KV cache) stay eager. Kept out of the module tree (`__dict__`), so
         # the state dict and checkpoints do not change.
-        compiled = getattr(getattr(backbone, "config", None), "compile", False)
-        self.__dict__["_compiled_backbone"] = torch.compile(backbone) if compiled else None
+        config = getattr(backbone, "config", None)
+        mode = getattr(config, "compile_mode", "default")
+        compiled = torch.compile(backbone, mode=mode) if getattr(config, "compile", False) else None
+        self.__dict__["_compiled_backbone"] = compiled
+        # CUDA graphs (on a GPU; torch skips them elsewhere) replay every step into the same
+        # memory: see `step_backbone` and `optimizer_zero_grad`.
+        self.cuda_graph_steps = compiled is not None and mode in CUDAGRAPH_COMPILE_MODES
 
     def on_validation_epoch_start(self) -> None:
         # Generation's prepacked weight copies are keyed on version counters, which the fused
@@ -156,7 +162,14 @@ class LMTask(L.LightningModule):
         """The backbone module a step calls: the compiled one while training under
         model.compile (it forwards attribute reads to the backbone)."""
         compiled = self.__dict__.get("_compiled_backbone")
-        return compiled if compiled is not None and self.training else self.backbone
+        if compiled is None or not self.training:
+            return self.backbone
+        if self.cuda_graph_steps:
+            # One call per step, its backward done before the next: the replay may reuse the
+            # last step's output memory. Lightning still holds that step's loss, so say it
+            # (torch's docs ask for this mark when outputs outlive their step).
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled
 
     def run_backbone(self, *args: Any, **kwargs: Any) -> Any:
         """The backbone call of a step (see `step_backbone`)."""
@@ -229,6 +242,21 @@ class LMTask(L.LightningModule):
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if not self.cuda_graph_steps:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+            return
+        # A graphed backward writes each gradient into the graphs' memory, and autograd adopts
+        # that tensor as `.grad` when there is none: the next micro-batch's replay would then
+        # overwrite it before trainer.accumulate_grad_batches adds to it (torch raises
+        # "accessing gradient tensor output of CUDAGraphs that has been overwritten"). Gradient
+        # buffers of our own, zeroed in place, are accumulated into instead.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        optimizer.zero_grad(set_to_none=False)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(split_weight_decay(self, self.weight_decay))
