@@ -65,6 +65,10 @@ part_mfu() {
       b16) mfu_run b16 ;;
       b32) mfu_run b32 data.batch_size=32 ;;
       b16_eager) mfu_run b16_eager model.compile=false ;;
+      b16_ro) mfu_run b16_ro model.compile_mode=reduce-overhead ;;
+      b32_ro) mfu_run b32_ro data.batch_size=32 model.compile_mode=reduce-overhead ;;
+      b16_ro_acc) mfu_run b16_ro_acc data.batch_size=8 trainer.accumulate_grad_batches=2 model.compile_mode=reduce-overhead ;;
+      b16_ma) mfu_run b16_ma model.compile_mode=max-autotune-no-cudagraphs ;;
       b16_sync) mfu_run b16_sync callbacks.nonfinite.check_every_n_steps=1 ;;
       *) mfu_run "$variant" ;;
     esac
