@@ -8,7 +8,12 @@ The lmlab backbone is built, exported with `lmlab.models.hf.export_hf` and loade
   eager (both use SDPA) and both under `torch.compile` (the step's model call; lmlab's
   `model.compile=true` does the same). lmlab computes its loss with the clm task's
   `causal_lm_loss` (the backbone's fused output layer + cross-entropy), HF the way its users
-  call it (`labels=`); the two losses are checked equal first.
+  call it (`labels=`); the two losses are checked equal first. On a CPU without bf16 GEMM
+  kernels the bf16 rows are measured twice: against HF as its users run it (the emulated bf16
+  kernel: what lmlab's `lmlab.precision` saves them), and with HF's products under the same
+  `lmlab.precision` context as lmlab's ("equal kernels": the model code compared, nothing
+  else). Compiled, only the equal-kernels row runs: inductor's emulated bf16 GEMMs take ~50 s a
+  step a side here.
 - generate: greedy decoding with a KV cache, `lmlab.models.generation.generate` vs
   `LlamaForCausalLM.generate` (no early stop), tokens/s of new tokens; the tokens are compared.
 """
@@ -44,8 +49,10 @@ EAGER_GOAL, COMPILED_GOAL, GENERATE_GOAL = 1.05, 1.10, 1.2
 # Measured on this project's 2-core AMD EPYC: one compiled bf16 training step took ~50 s of CPU
 # per side (eager bf16: ~15 s), so the row alone would take most of the time `make bench` has.
 EMULATED_COMPILED_BF16 = ("not run: this CPU emulates bf16, and inductor's bf16 kernels then "
-                          "take ~50 s per step a side; run it on a CPU with AVX512-BF16/AMX or "
-                          "with --device cuda")
+                          "take ~50 s per step a side; the equal-kernels row below compares the "
+                          "compiled code")
+EQUAL_KERNELS = ("equal kernels: HF's products under lmlab.precision's fp32-kernel bf16 too, "
+                 "as lmlab's")
 
 
 def gqa_config(size: Size) -> ModelConfig:
@@ -79,20 +86,27 @@ def llama_pair(size: Size, device: torch.device | str = "cpu"
     return lmlab.train(), hf.train(), diff
 
 
-def _loss(model, ids, labels, dtype: str, hf: bool) -> torch.Tensor:
+def _loss(model, ids, labels, dtype: str, hf: bool, hf_equal_kernels: bool = False
+          ) -> torch.Tensor:
     """One side's training loss: HF through `labels=`, lmlab through the clm task's function
     (`model` is the backbone or its compiled module, as in a `model.compile=true` run) in the
     matmul context of an lmlab run at that precision (`lmlab.precision`: on a CPU without bf16
-    GEMM, bf16 products on the fp32 kernel with bf16 rounding)."""
+    GEMM, bf16 products on the fp32 kernel with bf16 rounding); HF in that context too with
+    `hf_equal_kernels`."""
+    context = matmul_context("bf16-mixed" if dtype == "bf16" else "32-true", ids.device)
     with autocast(ids.device, dtype):
         if hf:
+            if hf_equal_kernels:
+                with context:
+                    return model(input_ids=ids, labels=ids).loss
             return model(input_ids=ids, labels=ids).loss
-        with matmul_context("bf16-mixed" if dtype == "bf16" else "32-true", ids.device):
+        with context:
             return causal_lm_loss(model, ids, labels)
 
 
-def _train_step(model, ids, labels, optimizer, dtype, hf: bool) -> None:
-    _loss(model, ids, labels, dtype, hf).backward()
+def _train_step(model, ids, labels, optimizer, dtype, hf: bool,
+                hf_equal_kernels: bool = False) -> None:
+    _loss(model, ids, labels, dtype, hf, hf_equal_kernels).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -117,8 +131,9 @@ def train_rows(size: Size, compiled: bool = True, device: torch.device | str = "
         models = {"lmlab": lmlab, "hf": hf}
         if mode == "compiled":
             models = {name: torch.compile(m) for name, m in models.items()}
-        for dtype in ("fp32", "bf16"):
-            if mode == "compiled" and dtype == "bf16" and emulated:
+        variants = [("fp32", False), ("bf16", False)] + ([("bf16", True)] if emulated else [])
+        for dtype, equal_kernels in variants:
+            if mode == "compiled" and dtype == "bf16" and emulated and not equal_kernels:
                 rows.append(not_run("train: gqa vs LlamaForCausalLM", f"{dtype} {mode}",
                                     COMPILED_GOAL, EMULATED_COMPILED_BF16))
                 continue
@@ -126,16 +141,17 @@ def train_rows(size: Size, compiled: bool = True, device: torch.device | str = "
             # ~3 s in fp32) and for the compiled rows (minutes of codegen per side on 2 cores)
             # fewer steps and repeats keep the `train` part within 8 minutes. An emulated step
             # is long enough that one-time costs vanish in it: no untimed warm-up call.
-            slow_bf16 = dtype == "bf16" and emulated
+            slow_bf16 = dtype == "bf16" and emulated and not equal_kernels
             slow = cpu and (mode == "compiled" or slow_bf16)
             steps, repeats = (1, min(3, size.repeats)) if slow else (size.steps, size.repeats)
             if slow_bf16:
                 repeats = min(2, size.repeats)
             warmup = 0 if slow_bf16 else 2 if mode == "compiled" and not cpu else 1
 
-            def run(name, models=models, dtype=dtype, steps=steps):
+            def run(name, models=models, dtype=dtype, steps=steps, equal=equal_kernels):
                 for _ in range(steps):
-                    _train_step(models[name], ids, labels, optimizers[name], dtype, name == "hf")
+                    _train_step(models[name], ids, labels, optimizers[name], dtype, name == "hf",
+                                equal)
             # Compiled: the first call compiles forward and backward; on a GPU a second one
             # settles the allocator and autotuning.
             times = interleaved({n: (lambda n=n: run(n)) for n in models}, repeats,
@@ -147,6 +163,8 @@ def train_rows(size: Size, compiled: bool = True, device: torch.device | str = "
                        "products on the fp32 one (lmlab.precision); no warm-up call" if slow_bf16
                        else "compiled on CPU")
                 notes.append(f"{why}; {repeats} repeats of 1 step")
+            if equal_kernels:
+                notes.insert(0, EQUAL_KERNELS)
             rows.append(rate_row("train: gqa vs LlamaForCausalLM", f"{dtype} {mode}", tok["lmlab"],
                                  tok["hf"], COMPILED_GOAL if mode == "compiled" else EAGER_GOAL,
                                  notes, cpu_speedup()))

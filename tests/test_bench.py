@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from lmlab.precision import emulated_bf16
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,8 @@ def test_make_bench_quick_runs_every_bench(tmp_path):
                   "t5 vs T5ForConditionalGeneration"):
         assert f"| {bench}" in table, bench
     assert "logits equal" in table and "same tokens" in table
+    if emulated_bf16("bf16-mixed", "cpu"):  # bf16 also with HF under lmlab.precision
+        assert "bf16 eager (equal kernels" in table
     assert "torch threads" in table.splitlines()[0]  # the header names the machine
 
 
