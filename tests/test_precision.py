@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import pytest
 import torch
@@ -88,6 +90,61 @@ def test_values_and_gradients_match_the_bf16_kernel(name, autocast):
         _close(grad, ref_grad)
     assert ref_gemms.dtypes == {torch.bfloat16}
     assert gemms.dtypes == {torch.float32}  # forward and backward on the fp32 kernel
+
+
+class AttentionDtypes(TorchDispatchMode):
+    """Records the q dtype of every SDPA kernel call (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.name():
+            self.dtypes.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mask", ["causal", "bool", "float"])
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-operands"])
+def test_attention_runs_on_the_fp32_kernel_and_matches_the_bf16_one(mask, autocast):
+    """Output within bf16 rounding of the bf16 kernel's, gradients at least as close to the
+    fp32 computation as the bf16 kernel's (that kernel also rounds the probabilities)."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = ((2, 4, 24, 16), (2, 2, 24, 16), (2, 2, 24, 16))  # grouped KV heads
+    base = [torch.randn(*s, generator=gen) for s in shapes]
+    keep = torch.rand(2, 1, 24, 24, generator=gen) > 0.2
+    keep[..., 0] = True
+    masks = {"causal": None, "bool": keep,
+             "float": torch.where(keep, 0.0, -1e4) + torch.randn(2, 1, 24, 24, generator=gen)}
+    dtype = torch.float32 if autocast else torch.bfloat16
+
+    def attend(kind: str):
+        q, k, v = (t.to(dtype if kind != "fp32" else torch.float32).requires_grad_()
+                   for t in base)
+        m = masks[mask]
+        m = m.to(q.dtype) if m is not None and m.is_floating_point() else m
+        recorder = AttentionDtypes()
+        with recorder:
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast and kind != "fp32"):
+                with Bf16MatmulsInFp32() if kind == "emulated" else contextlib.nullcontext():
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m,
+                                                         is_causal=mask == "causal",
+                                                         enable_gqa=True)
+            out.float().square().sum().backward()
+        return out, [t.grad.float() for t in (q, k, v)], recorder.dtypes
+
+    native, native_grads, native_dtypes = attend("native")
+    emulated, grads, dtypes = attend("emulated")
+    exact, exact_grads, _ = attend("fp32")
+    assert native_dtypes == {torch.bfloat16} and dtypes == {torch.float32}
+    _close(emulated, native)
+    for grad, native_grad, exact_grad in zip(grads, native_grads, exact_grads):
+        scale = exact_grad.abs().max()
+        # bf16 inputs and outputs either way: both are within a few bf16 steps of fp32 ...
+        assert ((grad - exact_grad).abs().max() / scale).item() < 0.05
+        # ... and the fp32 kernel, which keeps the probabilities in fp32, is not further off.
+        assert (grad - exact_grad).norm() <= (native_grad - exact_grad).norm() * 1.05
 
 
 def test_out_argument_receives_the_bf16_result():
