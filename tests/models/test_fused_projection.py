@@ -36,3 +36,15 @@ def test_only_plain_linears_with_the_same_bias_kind_are_fusable():
         pass
 
     assert not plain_linear(Adapted(8, 8)) and not plain_linear(nn.Identity())
+
+
+class _Shard(torch.Tensor):
+    """Stands for FSDP2's DTensor: a sharded parameter cannot be concatenated into a plain one."""
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_tensor_subclass_parameters_are_not_plain(name):
+    layer = nn.Linear(4, 4)
+    setattr(layer, name, nn.Parameter(torch.Tensor._make_subclass(_Shard,
+                                                                  getattr(layer, name).detach())))
+    assert not plain_linear(layer) and plain_linear(nn.Linear(4, 4))

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lmlab.models.layers.attention import MultiHeadAttention
+from lmlab.models.layers.fused_projection import fusable, plain_linear
 
 # oneDNN's inner product costs ~35 us per call before any arithmetic (4 us for MKL's `linear`):
 # smaller weights stay on `F.linear`, where streaming the weight is not what takes the time.
@@ -55,21 +56,12 @@ def prepack_available() -> bool:
 
 
 def _eligible(module: nn.Module) -> bool:
-    """A plain fp32 CPU `nn.Linear` whose forward nobody has replaced or hooked.
-
-    Subclasses (quantized, LoRA-merged variants, parametrized weights) and hooked modules
-    (pruning masks) compute something else than weight @ x + bias, so they keep their forward.
-    """
-    if type(module) is not nn.Linear or "forward" in module.__dict__:
-        return False
-    if module._forward_hooks or module._forward_pre_hooks:
+    """A `plain_linear` (what a subclass, a replaced forward or a hook computes is not
+    weight @ x + bias) with a 2-D fp32 CPU weight and an fp32 bias, what oneDNN's op takes."""
+    if not plain_linear(module):
         return False
     weight, bias = module.weight, module.bias
-    # Plain tensors only: a sharded weight (FSDP2's DTensor) or another tensor subclass cannot
-    # be concatenated or reordered into a plain tensor that the module's inputs still match.
-    plain = type(weight.detach()) is torch.Tensor and (bias is None
-                                                       or type(bias.detach()) is torch.Tensor)
-    return (plain and weight.device.type == "cpu" and weight.dtype == torch.float32
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32
             and weight.dim() == 2 and (bias is None or bias.dtype == torch.float32))
 
 
@@ -102,8 +94,7 @@ def _prepacked_linear(op: Callable[..., Tensor], weight: Tensor, packed: Tensor,
 
 def _fusable(attn: MultiHeadAttention) -> bool:
     parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-    return ("qkv_proj" not in attn.__dict__ and all(_eligible(p) for p in parts)
-            and len({p.bias is None for p in parts}) == 1)
+    return "qkv_proj" not in attn.__dict__ and fusable(parts) and all(map(_eligible, parts))
 
 
 def fused_qkv_weight(attn: MultiHeadAttention) -> tuple[Tensor, Tensor | None]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.models.layers import biased_attention as learned_bias
+from lmlab.models.layers.fused_projection import concatenated_linear, fusable
 from lmlab.models.layers.mask import causal_mask
 from lmlab.models.layers.position import apply_rotary, rotate_half
 
@@ -98,9 +99,15 @@ class MultiHeadAttention(nn.Module):
     `prefix_kv` (None unless prefix tuning installs one, see `lmlab.peft.prefix`) gives learned
     keys/values that every query attends to before the sequence's own (`prepend_prefix`).
 
+    q_proj, k_proj and v_proj read the same input, so they are computed as one matmul over
+    their concatenated weights whenever they are plain `nn.Linear`s (`fused_projection.fusable`;
+    the parameters stay three modules): one larger GEMM forward, one d(input) GEMM backward
+    instead of three plus the adds that sum them. Adapted (LoRA), quantised, hooked (pruning,
+    ZeRO-3) or sharded projections are called one by one.
+
     `qkv_proj` (None except while `lmlab.models.prepack.prepacked_linears` runs a generation)
-    computes q_proj, k_proj and v_proj as one matmul over their concatenated weights; q and k
-    are then rotated as one tensor. Same values, fewer and larger ops per decode step.
+    replaces that matmul with one on prepacked weights; q and k are then rotated as one tensor.
+    Same values, fewer and larger ops per decode step.
     """
 
     prefix_kv: PrefixKV | None = None
@@ -158,9 +165,7 @@ class MultiHeadAttention(nn.Module):
         if self.qkv_proj is not None:
             q, k, v, rotary = self._fused_qkv(x, rotary)
         else:
-            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = self._project_qkv(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
@@ -197,6 +202,23 @@ class MultiHeadAttention(nn.Module):
             )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
+    def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, n_heads, T, D], k and v [B, n_kv_heads, T, D]."""
+        B, T, _ = x.shape
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        if fusable(parts):
+            # Split along the features, before the head views: split's backward is one cat
+            # into d(qkv); slices of a [B, H, T, D] view would each fill a zero tensor of the
+            # whole and add them.
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = concatenated_linear(parts, x).split(
+                [self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:  # LoRA, quantised, hooked or sharded projections: each computes its own
+            q, k, v = (p(x) for p in parts)
+        return (q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2),
+                k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2),
+                v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
+
     def _fused_qkv(
         self, x: Tensor, rotary: tuple[Tensor, Tensor] | None
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
@@ -206,6 +228,8 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         n_q, n_qk = self.n_heads, self.n_heads + self.n_kv_heads
         qkv = self.qkv_proj(x).view(B, T, n_qk + self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # Slices of the head view are fine here: generation runs without autograd, so they have
+        # no backward (the zero-filled gradients that make `_project_qkv` split instead).
         qk, v = qkv[:, :n_qk], qkv[:, n_qk:]
         if rotary is not None and self.q_norm is None:
             cos, sin = rotary

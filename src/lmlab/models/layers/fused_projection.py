@@ -16,11 +16,13 @@ from torch import Tensor, nn
 
 
 def plain_linear(module: nn.Module) -> bool:
-    """An `nn.Linear` computing exactly x W^T + b: not a subclass (LoRA, quantised), no
-    replaced forward or hooks, its weight a plain tensor (not FSDP2's DTensor)."""
+    """An `nn.Linear` computing exactly x W^T + b: not a subclass (LoRA, quantised,
+    parametrized), no replaced forward or hooks (pruning masks, DeepSpeed ZeRO-3's parameter
+    gathering), its weight and bias plain tensors (not FSDP2's DTensor shards)."""
     return (type(module) is nn.Linear and "forward" not in module.__dict__
             and not module._forward_hooks and not module._forward_pre_hooks
-            and type(module.weight.detach()) is torch.Tensor)
+            and all(type(t.detach()) is torch.Tensor
+                    for t in (module.weight, module.bias) if t is not None))
 
 
 def fusable(parts: tuple[nn.Module, ...]) -> bool:
