@@ -103,7 +103,8 @@ def header(size: Size, size_name: str, device: torch.device) -> str:
             f"{what}: {size.n_layers} layers, d_model "
             f"{size.d_model}, {size.n_heads} heads ({size.n_kv_heads} KV), FFN {size.d_ff}, vocab "
             f"{size.vocab}, batch {size.batch}x{size.seq_len}; median of {size.repeats} "
-            f"interleaved repeats of {size.steps} step(s). Ratio = lmlab / reference.")
+            f"interleaved repeats of {size.steps} step(s) unless a row says otherwise (train: "
+            f"{size.repeats + 4}). Ratio = lmlab / reference.")
 
 
 def resolve_device(name: str) -> torch.device:
