@@ -20,6 +20,7 @@ The lmlab backbone is built, exported with `lmlab.models.hf.export_hf` and loade
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -93,15 +94,12 @@ def _loss(model, ids, labels, dtype: str, hf: bool, hf_equal_kernels: bool = Fal
     matmul context of an lmlab run at that precision (`lmlab.precision`: on a CPU without bf16
     GEMM, bf16 products on the fp32 kernel with bf16 rounding); HF in that context too with
     `hf_equal_kernels`."""
-    context = matmul_context("bf16-mixed" if dtype == "bf16" else "32-true", ids.device)
-    with autocast(ids.device, dtype):
+    context = (matmul_context("bf16-mixed" if dtype == "bf16" else "32-true", ids.device)
+               if hf_equal_kernels or not hf else contextlib.nullcontext())
+    with autocast(ids.device, dtype), context:
         if hf:
-            if hf_equal_kernels:
-                with context:
-                    return model(input_ids=ids, labels=ids).loss
             return model(input_ids=ids, labels=ids).loss
-        with context:
-            return causal_lm_loss(model, ids, labels)
+        return causal_lm_loss(model, ids, labels)
 
 
 def _train_step(model, ids, labels, optimizer, dtype, hf: bool,

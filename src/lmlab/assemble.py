@@ -20,6 +20,7 @@ from lmlab.data import LMDataModule
 from lmlab.errors import ConfigError
 from lmlab.instantiate import accepted_keys, check_node, instantiate_checked
 from lmlab.models import ModelConfig, build_backbone
+from lmlab.models.config import RUNTIME_FIELDS
 from lmlab.optim.probe import check_optimizer
 from lmlab.peft import PeftStrategy, build_peft_strategy
 from lmlab.peft.adapter_io import read_adapter, trainable_keys
@@ -46,7 +47,7 @@ def model_config_from(cfg: DictConfig, init: InitSource | None) -> ModelConfig:
         # The architecture is the checkpoint's; only settings that leave shapes alone follow cfg.
         model_cfg = ModelConfig.from_dict(init.model_config)
         user = to_container(cfg.model)
-        for key in ("dropout", "attn_impl", "activation_checkpointing", "compile", "compile_mode"):
+        for key in RUNTIME_FIELDS:
             if key in user:
                 setattr(model_cfg, key, user[key])
     else:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.models.config import RUNTIME_FIELDS
 from lmlab.peft import build_peft_strategy
 from lmlab.tokenizers import Tokenizer, load_tokenizer
 
@@ -140,8 +141,7 @@ def load_init_source(path: str | Path) -> InitSource:
 
 
 # Settings a resumed run may change: they alter no tensor shape and no id's meaning.
-RESUME_MAY_CHANGE = {"vocab_size", "dropout", "attn_impl", "hf_id_offset", "activation_checkpointing",
-                     "compile", "compile_mode"}
+RESUME_MAY_CHANGE = {*RUNTIME_FIELDS, "vocab_size", "hf_id_offset"}
 
 
 @dataclass

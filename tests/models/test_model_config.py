@@ -88,3 +88,20 @@ def test_resolved_sizes():
 def test_build_needs_vocab_size():
     with pytest.raises(ConfigError, match="model.vocab_size"):
         build_backbone(ModelConfig(d_model=32, n_heads=4))
+
+
+def test_runtime_fields_change_no_parameter():
+    """RUNTIME_FIELDS is what resume, init_from and peft_from let differ from the saved model:
+    each must be a real field, and changing it must leave every parameter's name and shape."""
+    from lmlab.models.config import RUNTIME_FIELDS
+
+    other = {"dropout": 0.3, "attn_impl": "eager", "activation_checkpointing": True,
+             "compile": True, "compile_mode": "max-autotune"}
+    assert set(other) == set(RUNTIME_FIELDS)
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+    shapes = {k: v.shape for k, v in build_backbone(ModelConfig(**base)).state_dict().items()}
+    for field, value in other.items():
+        config = ModelConfig(**base, **{field: value})
+        config.validate()
+        changed = {k: v.shape for k, v in build_backbone(config).state_dict().items()}
+        assert changed == shapes, field

@@ -31,6 +31,10 @@ ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
 # torch.compile's modes; the two named here capture the step in CUDA graphs (on a GPU).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+# Fields that change how a run computes, never a tensor's shape or an id's meaning: a run may set
+# them differently from the checkpoint it resumes, the base it starts from (`init_from`) or the
+# adapter it loads (`peft_from`). Those checks add their own extras to this one list.
+RUNTIME_FIELDS = ("dropout", "attn_impl", "activation_checkpointing", "compile", "compile_mode")
 
 # SwiGLU's hidden size is rounded up to this so its matmuls tile well on accelerators.
 _SWIGLU_MULTIPLE = 64

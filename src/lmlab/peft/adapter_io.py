@@ -28,12 +28,12 @@ from torch import nn
 
 from lmlab.checkpoint import BACKBONE_PREFIX
 from lmlab.errors import ConfigError
+from lmlab.models.config import RUNTIME_FIELDS
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 # Architecture fields that may differ between the base and the adapter's run (shapes unchanged).
-MAY_DIFFER = {"dropout", "attn_impl", "hf_id_offset", "activation_checkpointing", "compile",
-              "compile_mode"}
+MAY_DIFFER = {*RUNTIME_FIELDS, "hf_id_offset"}
 
 
 def trainable_keys(module: nn.Module) -> list[str]:
