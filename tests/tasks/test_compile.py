@@ -130,3 +130,43 @@ def test_graphed_runs_accumulate_into_gradient_buffers_of_their_own():
         p.grad = torch.ones_like(p)
     plain.optimizer_zero_grad(0, 0, adamw()(plain.parameters()))
     assert all(p.grad is None for p in plain.parameters())
+
+
+def test_compiled_backward_keeps_the_fp32_matmuls_of_emulated_bf16(monkeypatch):
+    """Under CPU bf16-mixed with `Bf16MatmulsInFp32`, the compiled backward's products stay fp32
+    as in eager autograd (torch traces it under the forward's autocast by default, which made
+    them emulated bf16 products, 14x slower), and the gradients are eager's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from lmlab.precision import Bf16MatmulsInFp32
+
+    backward_graphs = []
+
+    def keep_forward(gm, example_inputs):
+        return make_boxed_func(gm)
+
+    def keep_backward(gm, example_inputs):
+        backward_graphs.append(gm)
+        return make_boxed_func(gm)
+
+    backend = aot_autograd(fw_compiler=keep_forward, bw_compiler=keep_backward)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, mode=None: real_compile(model, backend=backend))
+    torch._dynamo.reset()
+    eager, compiled = _task(False), _task(True)
+    compiled.load_state_dict(eager.state_dict())
+    ids = torch.randint(6, 200, (2, 16))
+    batch = {"input_ids": ids, "labels": ids.roll(-1, dims=1)}
+    for task in (eager, compiled):
+        task.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16), Bf16MatmulsInFp32():
+            loss = task._loss(batch)
+        loss.backward()
+    assert backward_graphs
+    mm_dtypes = [node.meta["val"].dtype for gm in backward_graphs for node in gm.graph.nodes
+                 if node.target is torch.ops.aten.mm.default]
+    assert mm_dtypes and set(mm_dtypes) == {torch.float32}
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)

@@ -3,6 +3,7 @@ backbone's auxiliary losses (MoE load balancing, router z-loss) and expert-load 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,39 @@ def split_weight_decay(module: nn.Module, weight_decay: float) -> list[dict[str,
 def backbone_family(backbone: nn.Module) -> str:
     """"decoder" | "encoder" | "encoder_decoder", from the backbone's ModelConfig."""
     return getattr(getattr(backbone, "config", None), "family", "decoder")
+
+
+class CompiledBackbone:
+    """A `torch.compile`d backbone whose backward is traced without the forward's autocast.
+
+    torch 2.13's AOTAutograd traces a compiled backward under the autocast state of its
+    forward (`backward_pass_autocast="same_as_forward"`), which eager autograd does not do:
+    the backward products of `lmlab.precision`'s fp32 matmuls (run under
+    `autocast(enabled=False)`) became bf16 products again, and on a CPU without native bf16
+    those take the emulated scalar kernel (pytorch/pytorch#179804: a compiled bf16-mixed step
+    ran 14x slower than eager). "off" is eager's behaviour and torch's next default; the
+    setting is read while the joint graph is traced, i.e. inside the forward call.
+    """
+
+    def __init__(self, compiled: nn.Module) -> None:
+        self.compiled = compiled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with _backward_without_autocast():
+            return self.compiled(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # accepts_labels, config, ... of the backbone
+        if name == "compiled":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.compiled, name)
+
+
+def _backward_without_autocast() -> Any:
+    from torch._functorch import config
+
+    if not hasattr(config, "backward_pass_autocast"):  # torch without the setting: eager's
+        return contextlib.nullcontext()
+    return config.patch(backward_pass_autocast="off")
 
 
 class RatioMeter(nn.Module):
@@ -139,7 +173,8 @@ class LMTask(L.LightningModule):
         # the state dict and checkpoints do not change.
         config = getattr(backbone, "config", None)
         mode = getattr(config, "compile_mode", "default")
-        compiled = torch.compile(backbone, mode=mode) if getattr(config, "compile", False) else None
+        compiled = (CompiledBackbone(torch.compile(backbone, mode=mode))
+                    if getattr(config, "compile", False) else None)
         self.__dict__["_compiled_backbone"] = compiled
         # CUDA graphs (on a GPU; torch skips them elsewhere) replay every step into the same
         # memory: see `step_backbone` and `optimizer_zero_grad`.
@@ -158,7 +193,7 @@ class LMTask(L.LightningModule):
     def on_predict_epoch_start(self) -> None:
         clear_prepacked()
 
-    def step_backbone(self) -> nn.Module:
+    def step_backbone(self) -> nn.Module | CompiledBackbone:
         """The backbone module a step calls: the compiled one while training under
         model.compile (it forwards attribute reads to the backbone)."""
         compiled = self.__dict__.get("_compiled_backbone")
