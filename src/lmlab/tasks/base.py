@@ -3,7 +3,6 @@ backbone's auxiliary losses (MoE load balancing, router z-loss) and expert-load 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
+from torch._functorch import config as functorch_config
 from torchmetrics import SumMetric
 
 from lmlab.checkpoint import METADATA_KEY, tokenizer_files
@@ -56,21 +56,13 @@ class CompiledBackbone:
         self.compiled = compiled
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with _backward_without_autocast():
+        with functorch_config.patch(backward_pass_autocast="off"):
             return self.compiled(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:  # accepts_labels, config, ... of the backbone
         if name == "compiled":  # not set yet (copy, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.compiled, name)
-
-
-def _backward_without_autocast() -> Any:
-    from torch._functorch import config
-
-    if not hasattr(config, "backward_pass_autocast"):  # torch without the setting: eager's
-        return contextlib.nullcontext()
-    return config.patch(backward_pass_autocast="off")
 
 
 class RatioMeter(nn.Module):
