@@ -35,7 +35,6 @@ from bench.common import (
     autocast,
     cpu_speedup,
     interleaved,
-    not_run,
     rate_row,
     shifted_labels,
 )
@@ -48,11 +47,6 @@ from lmlab.tasks.clm import causal_lm_loss
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 EAGER_GOAL, COMPILED_GOAL, GENERATE_GOAL = 1.05, 1.10, 1.2
-# Measured on this project's 2-core AMD EPYC: one compiled bf16 training step took ~50 s of CPU
-# per side (eager bf16: ~15 s), so the row alone would take most of the time `make bench` has.
-EMULATED_COMPILED_BF16 = ("not run: this CPU emulates bf16, and inductor's bf16 kernels then "
-                          "take ~50 s per step a side; the equal-kernels row below compares the "
-                          "compiled code")
 EQUAL_KERNELS = ("equal kernels: HF's products under lmlab.precision's fp32-kernel bf16 too, "
                  "as lmlab's")
 
@@ -133,24 +127,15 @@ def train_rows(size: Size, compiled: bool = True, device: torch.device | str = "
             models = {name: CompiledBackbone(torch.compile(m)) for name, m in models.items()}
         variants = [("fp32", False), ("bf16", False)] + ([("bf16", True)] if emulated else [])
         for dtype, equal_kernels in variants:
-            if mode == "compiled" and dtype == "bf16" and emulated and not equal_kernels:
-                rows.append(not_run("train: gqa vs LlamaForCausalLM", f"{dtype} {mode}",
-                                    COMPILED_GOAL, EMULATED_COMPILED_BF16))
-                continue
-            # HF on a CPU without native bf16 (the emulated kernel: ~30 s of CPU per eager step
-            # here, against ~3 s in fp32) and compiled bf16 under lmlab.precision get fewer
-            # steps and repeats. The compiled one ran ~30 s a step a side (eager ~1.7 s) while
-            # its backward was traced under autocast (emulated bf16 products; see
-            # CompiledBackbone); not re-measured since that fix. An emulated eager step is long
-            # enough that one-time costs vanish in it: no warm-up call.
-            slow_bf16 = dtype == "bf16" and emulated and not equal_kernels
-            slow = cpu and (slow_bf16 or (mode == "compiled" and equal_kernels))
+            # HF on a CPU without native bf16 (the emulated kernel: ~42 s per step here, eager
+            # or compiled, against ~1.6 s in fp32) gets fewer steps and repeats, and in eager no
+            # warm-up call: one-time costs vanish in a step that long (compiled still needs one
+            # call to compile, ~15 s).
+            slow = cpu and dtype == "bf16" and emulated and not equal_kernels
             # 4 more repeats than the size's otherwise: the goals are 5-10 %, and two quiet runs
             # of 5 repeats gave 1.09x and 1.03x for the same code (A/B runs moved ±4 %).
-            steps, repeats = (1, min(3, size.repeats)) if slow else (size.steps, size.repeats + 4)
-            if slow_bf16:
-                repeats = min(2, size.repeats)
-            warmup = 0 if slow_bf16 else 2 if mode == "compiled" and not cpu else 1
+            steps, repeats = (1, min(2, size.repeats)) if slow else (size.steps, size.repeats + 4)
+            warmup = (1 if cpu else 2) if mode == "compiled" else 0 if slow else 1
 
             def run(name, models=models, dtype=dtype, steps=steps, equal=equal_kernels):
                 for _ in range(steps):
@@ -163,10 +148,9 @@ def train_rows(size: Size, compiled: bool = True, device: torch.device | str = "
             tok = {n: size.tokens * steps / t for n, t in times.items()}
             notes = [f"logits equal to {diff:.0e}, losses to {loss_diff:.0e}"] if not rows else []
             if slow:
-                why = ("CPU without bf16 GEMM: HF runs the emulated bf16 kernel, lmlab bf16 "
-                       "products on the fp32 one (lmlab.precision); no warm-up call" if slow_bf16
-                       else "compiled emulated bf16 on CPU")
-                notes.append(f"{why}; {repeats} repeats of 1 step")
+                notes.append("CPU without bf16 GEMM: HF runs the emulated bf16 kernel, lmlab "
+                             "bf16 products on the fp32 one (lmlab.precision); "
+                             f"{'' if warmup else 'no warm-up call; '}{repeats} repeats of 1 step")
             if equal_kernels:
                 notes.insert(0, EQUAL_KERNELS)
             rows.append(rate_row("train: gqa vs LlamaForCausalLM", f"{dtype} {mode}", tok["lmlab"],

@@ -96,11 +96,6 @@ def rate_row(bench: str, what: str, lmlab: float, reference: float, goal: float,
                lmlab / reference >= goal if reference else None, notes or [], cpu_ratio)
 
 
-def not_run(bench: str, what: str, goal: float, why: str) -> Row:
-    """A comparison left out on this machine; the table shows "—" and the reason."""
-    return Row(bench, what, float("nan"), float("nan"), "tok/s", f">= {goal:.2f}x", None, [why])
-
-
 def time_row(bench: str, what: str, lmlab: float, reference: float, goal: float,
              notes: list[str] | None = None, cpu_ratio: float | None = None) -> Row:
     """Times (lower is better): met when lmlab / reference <= goal."""
