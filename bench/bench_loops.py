@@ -11,8 +11,12 @@ train that same task's backbone:
   at `trainer.gradient_clip_val`, the run's optimizer and schedule), both reading the run's
   DataLoader: the ratio is what the Lightning loop and lmlab's callbacks cost, nothing else
   (what the fused loss buys over a hand-written `F.cross_entropy` is the `train` bench's
-  business). Timed from the end of the first step to the end of the last, so fit start-up
-  (and the end-of-run checkpoint) is not counted; ratio = lmlab time / raw time.
+  business). Each step is timed from the end of the one before (so fit start-up, the first
+  step and the end-of-run checkpoint are not counted) and the ratio is of the medians of all
+  timed steps of all repeats, lmlab time / raw time: a whole repeat's mean moved by up to 30 %
+  between repeats of the same side on this shared machine (1.27-1.75 s/step) while Lightning's
+  own cost measured at a tiny model is ~3 ms a step, so a step slowed by another job must not
+  drag its repeat along.
 - data_pipeline: the raw step fed by the run's DataLoader (memory-mapped token windows,
   step-seeded sampler, collation), the batch's fetch included, vs the same step on batches
   collected beforehand. The two alternate step by step in one loop (which goes first swaps
@@ -74,16 +78,19 @@ def compose_run(size: Size, out: Path, steps: int, device: torch.device | str = 
 
 
 class _Clock(L.Callback):
-    """End of the first training step and of the last one."""
+    """The end of every training step, (wall, CPU) seconds."""
 
     def __init__(self):
-        self.first = self.last = (0.0, 0.0)
+        self.ends: list[tuple[float, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         synchronize(pl_module.device)
-        self.last = (time.perf_counter(), time.process_time())
-        if batch_idx == 0:
-            self.first = self.last
+        self.ends.append((time.perf_counter(), time.process_time()))
+
+
+def step_times(ends: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of each step after the first, from the ends of all steps."""
+    return [(b[0] - a[0], b[1] - a[1]) for a, b in itertools.pairwise(ends)]
 
 
 def rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
@@ -113,20 +120,18 @@ def rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-        def raw_loop(batches) -> tuple[float, float]:
+        def raw_loop(batches) -> list[tuple[float, float]]:
             # Lightning's teardown moves the module back to the CPU after each fit; moving it
             # in place keeps the optimizer's parameters the same objects.
             backbone.to(device)
-            it = iter(batches)
-            raw_step(next(it))
-            synchronize(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            for batch in itertools.islice(it, timed_steps):
+            ends = []
+            for batch in itertools.islice(batches, steps):
                 raw_step(batch)
-            synchronize(device)
-            return time.perf_counter() - start, time.process_time() - start_cpu
+                synchronize(device)
+                ends.append((time.perf_counter(), time.process_time()))
+            return step_times(ends)
 
-        def lightning() -> float:
+        def lightning() -> list[tuple[float, float]]:
             clock = _Clock()
             # Everything of the default callbacks but the console progress bar.
             callbacks = [c for c in build_list(cfg.callbacks, "callbacks")
@@ -134,7 +139,7 @@ def rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
             trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks,
                                           logger=build_list(cfg.logger, "logger") or False)
             trainer.fit(task, datamodule=dm)
-            return clock.last[0] - clock.first[0], clock.last[1] - clock.first[1]
+            return step_times(clock.ends)
 
         def paired_steps(n_pairs: int) -> dict[str, list[tuple[float, float]]]:
             """(wall, CPU) seconds of each loader-fed step (its fetch included) and of each
@@ -164,23 +169,24 @@ def rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
         measured: dict[str, list[tuple[float, float]]] = {}
 
         def timed(name, fn):
-            return lambda: measured.setdefault(name, []).append(fn())
+            return lambda: measured.setdefault(name, []).extend(fn())
 
         interleaved({"lightning": timed("lightning", lightning),
                      "raw": timed("raw", lambda: raw_loop(dm.train_dataloader()))},
                     repeats, device=device)
         pairs = paired_steps(repeats * timed_steps)
-    # interleaved() times whole calls (with set-up); the medians of the in-loop times are
-    # what compares the loops.
-    per_step = {k: statistics.median(w for w, _ in v[1:]) / timed_steps for k, v in measured.items()}
-    cpu = {k: statistics.median(c for _, c in v[1:]) for k, v in measured.items()}
+    # interleaved() times whole calls (with set-up); the medians of the in-loop step times are
+    # what compares the loops. Its warm-up call's steps are left out.
+    warm = {k: v[timed_steps:] for k, v in measured.items()}
+    per_step = {k: statistics.median(w for w, _ in v) for k, v in warm.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in warm.items()}
     step = {k: statistics.median(w for w, _ in v) for k, v in pairs.items()}
     step_cpu = {k: statistics.median(c for _, c in v) for k, v in pairs.items()}
     on_cpu = device.type == "cpu"  # CPU time means nothing while the host waits for a GPU
     return [
         time_row("lightning_vs_raw: lmlab run vs raw PyTorch loop", "s/step, fp32, same module "
-                 f"and batches, {repeats} repeats of {timed_steps} steps (goal: ≥ 0.97x the raw "
-                 "loop's speed)",
+                 f"and batches, median of {len(warm['raw'])} steps each from {repeats} interleaved "
+                 f"repeats of {timed_steps} (goal: ≥ 0.97x the raw loop's speed)",
                  per_step["lightning"], per_step["raw"], LIGHTNING_GOAL,
                  cpu_ratio=cpu["lightning"] / cpu["raw"] if on_cpu else None),
         time_row("data_pipeline: real loader vs resident tensors",

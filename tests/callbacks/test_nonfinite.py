@@ -31,6 +31,24 @@ def test_every_nonfinite_value_is_caught(bad, mixed):
                                                                           torch.full((3,), 1e30)))
 
 
+@pytest.mark.parametrize("per_tensor", [True, False], ids=["aminmax", "foreach-inf-norm"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_both_checks_find_one_bad_element_anywhere(per_tensor, bad):
+    # The CPU's per-tensor min/max and the accelerators' multi-tensor inf-norm, at positions in
+    # the vectorised body and the scalar tail of each reduction, in every float dtype, against
+    # the naive answer; huge finite values are not flagged.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for n, at in [(1, 0), (33, 0), (33, 32), (4097, 2050), (4097, 4096)]:
+            grads = [torch.ones(3, 5, dtype=dtype), torch.full((n,), 6e4 if dtype == torch.float16
+                                                                else 1e30, dtype=dtype)]
+            assert not NonFiniteGuard._nonfinite(grads, per_tensor), (dtype, n)
+            grads[1][at] = bad
+            expected = not all(torch.isfinite(g).all() for g in grads)
+            assert bool(NonFiniteGuard._nonfinite(grads, per_tensor)) is expected is True, (dtype, n, at)
+    empty = [torch.zeros(0), torch.ones(2)]
+    assert not NonFiniteGuard._nonfinite(empty, per_tensor)
+
+
 def test_deferred_check_names_the_first_bad_step():
     guard, trainer = NonFiniteGuard(check_every_n_steps=3), _Trainer()
     good, bad = _optimizer(torch.ones(3)), _optimizer(torch.tensor([float("nan")]))

@@ -21,8 +21,12 @@ class NonFiniteGuard(L.Callback):
     poisoned is saved. policy="skip": drop that step's gradients (the optimizer skips parameters
     whose grad is None) and go on; skipped steps are counted in `train/skipped_steps`.
 
-    The check is one max-abs norm per gradient (`torch._foreach_norm`, inf/NaN propagate) and
-    one host read of the result per step: the only host-device sync of a training step. With
+    The check reduces each gradient to numbers that are non-finite exactly when one of its
+    elements is (inf and NaN propagate) and reads the result once per step: the only
+    host-device sync of a training step. On a GPU that is one multi-tensor max-abs norm
+    (`torch._foreach_norm(grads, inf)`, one kernel launch for all gradients); on a CPU the
+    per-tensor min and max (`torch.aminmax`), because the CPU inf-norm is a scalar loop: over
+    the bench model's 16 M gradients 26 ms a step against 3.3 ms, 1.5 % of its 1.6 s step. With
     policy="stop", `check_every_n_steps` > 1 keeps the flag (and the first bad step) on the
     device and reads it every n steps and at the end of training, so a GPU never waits on it;
     the error still names the first bad step, but training runs on up to n - 1 steps past it
@@ -55,8 +59,18 @@ class NonFiniteGuard(L.Callback):
         self._first_bad: torch.Tensor | None = None  # step of the first bad gradients, -1 = none
 
     @staticmethod
-    def _nonfinite(grads: list[torch.Tensor]) -> torch.Tensor:
-        """A 0-d bool tensor on the gradients' device: any inf or NaN in any gradient."""
+    def _nonfinite(grads: list[torch.Tensor], per_tensor: bool | None = None) -> torch.Tensor:
+        """A 0-d bool tensor on the gradients' device: any inf or NaN in any gradient.
+        per_tensor: min and max of each tensor (the CPU's way; None = when all are on the CPU)
+        or one multi-tensor inf-norm (an accelerator's)."""
+        grads = [g for g in grads if g.numel()]  # neither reduction takes an empty tensor
+        if not grads:
+            return torch.tensor(False)
+        if per_tensor is None:
+            per_tensor = all(g.device.type == "cpu" for g in grads)
+        if per_tensor:
+            extremes = [x.float() for g in grads for x in torch.aminmax(g)]
+            return ~torch.isfinite(torch.stack(extremes)).all()
         if len({(g.dtype, g.device) for g in grads}) == 1:
             norms = torch.stack(torch._foreach_norm(grads, float("inf")))
         else:
