@@ -20,7 +20,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from bench.common import Row, Size, adamw, cpu_speedup, interleaved, rate_row
+from bench.common import Row, Size, adamw, cpu_speedup, interleaved, paired_speedup, rate_row
 from lmlab.models import build_backbone
 from lmlab.models.hf import import_hf
 
@@ -59,7 +59,7 @@ def _compare(size: Size, name: str, lmlab, hf, lmlab_step, hf_step, tokens: int,
     times = interleaved({k: (lambda k=k: run(k)) for k in steps}, size.repeats, device=device)
     tok = {k: tokens * size.steps / t for k, t in times.items()}
     return rate_row(name, "training tok/s, fp32 eager", tok["lmlab"], tok["hf"], GOAL,
-                    [f"outputs equal to {diff:.0e}"], cpu_speedup())
+                    [f"outputs equal to {diff:.0e}"], cpu_speedup(), paired_speedup())
 
 
 def bert_row(size: Size, device: torch.device | str = "cpu") -> Row:

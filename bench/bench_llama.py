@@ -35,6 +35,7 @@ from bench.common import (
     autocast,
     cpu_speedup,
     interleaved,
+    paired_speedup,
     rate_row,
     shifted_labels,
 )
@@ -155,7 +156,7 @@ def train_rows(size: Size, compiled: bool = True, device: torch.device | str = "
                 notes.insert(0, EQUAL_KERNELS)
             rows.append(rate_row("train: gqa vs LlamaForCausalLM", f"{dtype} {mode}", tok["lmlab"],
                                  tok["hf"], COMPILED_GOAL if mode == "compiled" else EAGER_GOAL,
-                                 notes, cpu_speedup()))
+                                 notes, cpu_speedup(), paired_speedup()))
             print(f"  train {dtype} {mode}: {rows[-1].ratio:.2f}x wall, "
                   f"{time.perf_counter() - started:.0f} s so far", file=sys.stderr, flush=True)
         torch._dynamo.reset()
@@ -185,4 +186,4 @@ def generate_rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
     return [rate_row("generate: KV-cache greedy vs LlamaForCausalLM.generate",
                      f"fp32, batch {size.batch}, prompt {size.gen_prompt}, {n} new tokens",
                      tok["lmlab"], tok["hf"], GENERATE_GOAL, [f"same tokens: {same:.0%}"],
-                     cpu_speedup())]
+                     cpu_speedup(), paired_speedup())]

@@ -28,6 +28,8 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` as well as `python -m ben
 import torch  # noqa: E402
 
 from bench.common import SIZES, Row, Size, markdown, time_row  # noqa: E402
+from lmlab.host_memory import MODES as HOST_MEMORY_MODES  # noqa: E402
+from lmlab.host_memory import set_host_memory  # noqa: E402
 
 
 def _train(size: Size, quick: bool, device: torch.device) -> list[Row]:
@@ -71,12 +73,12 @@ def _tokenizers(size: Size, quick: bool, device: torch.device) -> list[Row]:
             # 15 repeats: the library call alone varies by up to 7 % against itself here
             # (`bench_tokenizers.py --control`), as much as the gap the goal is about.
             r = bt.bench(kind, tokenizer, text, 2 if quick else 15)
-            # CPU column: the median of each repeat's own ratio, steadier under load than the
-            # ratio of medians.
+            # Ratios: the median of each repeat's own ratio, steadier under load than the ratio
+            # of medians, as in every row.
             rows.append(time_row("tokenizers: lmlab pipeline vs the library", f"{kind}, "
                                  f"{len(text.encode()) / 2**20:.2f} MiB", r["pipeline"], r["raw"],
                                  1.1, [] if r["exact"] else ["ids differ from the library's"],
-                                 r["paired_cpu"]))
+                                 r["paired_cpu"], r["paired"]))
     return rows
 
 
@@ -96,7 +98,7 @@ def device_name(device: torch.device) -> str:
             f"{torch.get_num_threads()} torch threads)")
 
 
-def header(size: Size, size_name: str, device: torch.device) -> str:
+def header(size: Size, size_name: str, device: torch.device, host_memory: str) -> str:
     what = {"quick": "quick sizes", "cpu": "CPU dimensions", "gpu": "GPU dimensions"}[size_name]
     return (f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on "
             f"{device_name(device)}, torch {torch.__version__}; "
@@ -104,7 +106,9 @@ def header(size: Size, size_name: str, device: torch.device) -> str:
             f"{size.d_model}, {size.n_heads} heads ({size.n_kv_heads} KV), FFN {size.d_ff}, vocab "
             f"{size.vocab}, batch {size.batch}x{size.seq_len}; median of {size.repeats} "
             f"interleaved repeats of {size.steps} step(s) unless a row says otherwise (train: "
-            f"{size.repeats + 4}). Ratio = lmlab / reference.")
+            f"{size.repeats + 4}); host_memory={host_memory} for both sides. Ratio = lmlab / "
+            "reference: the median of the ratios of the repeats' pairs (the two sides run back "
+            "to back), in wall and in process CPU time; lmlab and reference columns: medians.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); on a machine busy with "
                         "other jobs, 1 avoids threads spinning against each other")
+    parser.add_argument("--host-memory", choices=list(HOST_MEMORY_MODES), default="keep",
+                        help="the C heap setting of the bench process, as `host_memory` sets it "
+                        "for a run (default keep, the run's default); process-wide, so both "
+                        "sides of every row run with it")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    set_host_memory(args.host_memory)
     if args.threads:
         torch.set_num_threads(args.threads)
     size_name = "quick" if args.quick else (args.size or "cpu")
@@ -159,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rows += BENCHES[name](size, size_name == "quick", device)
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-    text = (f"{header(size, size_name, device)} Total {time.perf_counter() - started:.0f} s.\n\n"
+    text = (f"{header(size, size_name, device, args.host_memory)} "
+            f"Total {time.perf_counter() - started:.0f} s.\n\n"
             f"{markdown(rows)}\n")
     print(text)
     if out is not None:

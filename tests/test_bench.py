@@ -48,3 +48,18 @@ def test_cuda_without_a_gpu_fails_before_any_work(capsys):
         run.main(["--device", "cuda", "--quick"])
     with pytest.raises(SystemExit, match="use cpu or cuda"):
         run.main(["--device", "tpu", "--quick"])
+
+
+def test_rows_report_the_median_of_the_pairs_ratios():
+    from bench.common import markdown, paired, rate_row, time_row
+
+    # Pair 0 ran through a slow spell on side a: the pairs' median ignores it, the ratio of the
+    # two sides' medians (2.0 / 1.0 in wall time here) would not.
+    times = {"a": [(2.0, 4.0), (1.0, 2.0), (3.3, 6.0)], "b": [(1.0, 2.0), (1.0, 2.0), (3.0, 6.0)]}
+    assert paired(times, "a", "b") == pytest.approx(1.1)
+    assert paired(times, "a", "b", column=1) == pytest.approx(1.0)
+    slow = time_row("t", "w", 2.0, 1.0, 1.2, paired_ratio=1.1)
+    assert slow.ratio == pytest.approx(1.1) and slow.met
+    assert not time_row("t", "w", 2.0, 1.0, 1.2).met  # without pairs: lmlab / reference
+    fast = rate_row("r", "w", 100.0, 200.0, 1.05, paired_ratio=1.06)
+    assert fast.met and "| 1.06x |" in markdown([fast])

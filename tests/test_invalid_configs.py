@@ -152,6 +152,7 @@ CASES = [
     (["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode"),
     # runs and checkpoints
     (["seed=-1"], "seed"),
+    (["host_memory=forever"], "host_memory"),
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path"),
     (["ckpt_path=last"], "ckpt_path"),
     (["init_from=/nonexistent/last.ckpt"], "init_from"),

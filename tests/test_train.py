@@ -218,7 +218,7 @@ def test_single_run_config_error_is_one_clear_message(tmp_path):
         ["model.position=sinusoidal"], ["model.position=rope"], ["model.position=alibi"], ["model.position=none"],
         ["model.ffn=relu", "model.norm=rmsnorm"], ["model.tie_embeddings=false", "model.dropout=0.1"],
         ["trainer.precision=bf16-mixed"], ["trainer.precision=bf16-true"],
-        ["trainer.accumulate_grad_batches=2"],
+        ["trainer.accumulate_grad_batches=2"], ["host_memory=release"],
         ["tokenizer=bpe", "tokenizer.vocab_size=200", "tokenizer.dropout=0.1"],
         ["tokenizer=bpe", "tokenizer.vocab_size=200", "tokenizer.stochastok=0.3"],
         ["model=gqa", "peft=lora", "peft.target_modules=[q_proj,v_proj,up_proj,down_proj,lm_head]"],

@@ -31,6 +31,7 @@ from lmlab.compress import build_compression, check_compression, compress_after_
 from lmlab.console import print_config_tree, print_results
 from lmlab.describe import describe
 from lmlab.errors import ConfigError, LmlabError
+from lmlab.host_memory import set_host_memory
 from lmlab.instantiate import instantiate_checked
 from lmlab.loggers.wandb import finish_wandb_runs
 from lmlab.peft import parameter_counts
@@ -153,6 +154,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError("seed", seed, reason="must be a non-negative integer")
     L.seed_everything(seed, workers=True, verbose=False)
+    set_host_memory(cfg.get("host_memory"))
 
     ckpt_path = resolve_ckpt_path(cfg, output_dir)
     check_writable(output_dir)
