@@ -16,9 +16,9 @@ train that same task's backbone:
   from the end of the raw step before it to its own end (the batch's fetch, the hooks, the
   logging and the optimizer step included). Whole fits and whole raw loops timed in turn
   (until 2026-11-23) moved by up to 30 % between repeats of the same side on this shared
-  machine, so the row read 1.01-1.08x from run to run while the loop's own cost, profiled,
-  is 1-2 ms of a ~1.5 s step (`NonFiniteGuard`'s check, Lightning's hooks and logging); side
-  by side in one stream both see the same machine. Fit start-up, the first step of each side
+  machine, so the row read 1.01-1.08x from run to run while the loop's own cost, timed by
+  phase, is a few ms of a ~1.5 s step (`NonFiniteGuard`'s check 3-4 ms, Lightning's hooks and
+  logging ~1.5 ms); side by side in one stream both see the same machine. Fit start-up, the first step of each side
   and the end-of-run checkpoint are not counted; ratio = the median over the pairs of (Lightning
   step / the raw step after it).
 - data_pipeline: the raw step fed by the run's DataLoader (memory-mapped token windows,

@@ -15,8 +15,9 @@ growing is rare. Setting only the trim threshold would be worse than nothing: th
 threshold then stays at 128 KiB, every larger tensor is its own mmap, and the same step took
 380,000 faults. The cost: the process keeps its peak heap instead of returning it between
 steps, which a training loop reaches again every step anyway. "release" leaves the allocator
-as it is (glibc's defaults, in a process where nothing set them). Both apply to the whole process (DataLoader workers forked later inherit them); on a
-C library without `mallopt` (macOS, musl) "keep" does nothing and says so in the log.
+as it is (glibc's defaults, in a process where nothing set them). Both apply to the whole
+process (DataLoader workers forked later inherit them); on a C library without `mallopt`
+(macOS, musl) "keep" does nothing and says so in the log.
 """
 
 from __future__ import annotations
