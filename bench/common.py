@@ -122,18 +122,17 @@ def paired(times: dict[str, list[tuple[float, float]]], side: str, reference: st
     return statistics.median(a[column] / b[column] for a, b in zip(times[side], times[reference]))
 
 
-# Process CPU seconds (all threads) of the last `interleaved` call's variants: on a machine
-# shared with other jobs, wall time includes waiting for a core and CPU time does not.
-LAST_CPU: dict[str, float] = {}
-# Every timed call of the last `interleaved` call, (wall, CPU) seconds per variant in round
-# order: round r of two variants ran back to back, so their ratio is paired.
+# Every timed call of the last `interleaved` call, (wall, process CPU) seconds per variant in
+# round order: round r of two variants ran back to back, so their ratio is paired. CPU time
+# (all threads) is the steadier measure on a machine shared with other jobs (wall time includes
+# waiting for a core); it is NaN on CUDA, where the host mostly waits for the GPU.
 LAST_ROUNDS: dict[str, list[tuple[float, float]]] = {}
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int,
                 warmup: int = 1, device: torch.device | str | None = None) -> dict[str, float]:
     """Median wall seconds of each variant over `repeats` interleaved calls, after `warmup`
-    untimed calls each (compilation, allocator, caches); median CPU seconds in `LAST_CPU`.
+    untimed calls each (compilation, allocator, caches); every call's times in `LAST_ROUNDS`.
 
     On a CUDA `device` every timed call starts and ends with a synchronisation, and no CPU
     time is kept (the host mostly waits for the GPU there, so its CPU time says nothing)."""
@@ -142,30 +141,24 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int,
         for name in names:
             variants[name]()
     synchronize(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    LAST_ROUNDS.clear()
+    LAST_ROUNDS.update({name: [] for name in names})
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
             synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             variants[name]()
             synchronize(device)
-            cpu[name].append(time.process_time() - start_cpu)
-            times[name].append(time.perf_counter() - start)
-    LAST_CPU.clear()
-    LAST_ROUNDS.clear()
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    if on_cpu:
-        LAST_CPU.update({name: statistics.median(values) for name, values in cpu.items()})
-    LAST_ROUNDS.update({name: [(w, c if on_cpu else math.nan) for w, c in zip(times[name], cpu[name])]
-                        for name in names})
-    return {name: statistics.median(values) for name, values in times.items()}
+            cpu = time.process_time() - start_cpu if on_cpu else math.nan
+            LAST_ROUNDS[name].append((time.perf_counter() - start, cpu))
+    return {name: statistics.median(w for w, _ in rounds) for name, rounds in LAST_ROUNDS.items()}
 
 
 def cpu_speedup(reference: str = "hf", lmlab: str = "lmlab") -> float | None:
     """The median over the last `interleaved` call's rounds of reference CPU time / lmlab CPU
     time (a rate ratio); None when it kept none (a CUDA run)."""
-    if not LAST_CPU.get(lmlab):
+    if math.isnan(LAST_ROUNDS[lmlab][0][1]):
         return None
     return paired(LAST_ROUNDS, reference, lmlab, column=1)
 
