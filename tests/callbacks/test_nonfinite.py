@@ -88,3 +88,64 @@ def test_default_interval_reads_every_step_only_where_it_is_free(device, policy,
     explicit = NonFiniteGuard(check_every_n_steps=7)
     explicit.on_fit_start(_Trainer(), _Module(device))
     assert explicit.check_every_n_steps == 7
+
+
+class _ScaledTrainer(_Trainer):
+    """A trainer whose precision plugin has a gradient scaler at `scale`."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        scaler.scale(torch.ones(()))  # creates the scale tensor, as the first backward does
+        plugin = type("Plugin", (), {"scaler": scaler})()
+        self.strategy = type("Strategy", (), {"precision_plugin": plugin})()
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_scaler_overflows_are_left_to_the_scaler_until_its_scale_collapses(policy):
+    guard = NonFiniteGuard(policy=policy)
+    inf = _optimizer(torch.tensor([float("inf"), 1.0]))
+    # 16-mixed: an overflow at a healthy scale is the scaler's to skip; the gradients stay.
+    guard.on_before_optimizer_step(_ScaledTrainer(65536.0), None, inf)
+    assert guard.skipped == 0 and inf.param_groups[0]["params"][0].grad is not None
+    # Below the floor the scaled gradients are smaller than the real ones and still overflow.
+    if policy == "stop":
+        with pytest.raises(NonFiniteError, match="step 0"):
+            guard.on_before_optimizer_step(_ScaledTrainer(0.5), None, inf)
+    else:
+        logged = {}
+        module = type("Module", (), {"log": lambda self, k, v: logged.update({k: v})})()
+        guard.on_before_optimizer_step(_ScaledTrainer(0.5), module, inf)
+        assert guard.skipped == 1 and logged == {"train/skipped_steps": 1.0}
+
+
+def test_fp16_run_with_routine_overflows_trains_to_the_end():
+    # A scaler growing every step overflows every few steps, as GradScaler's growth does over a
+    # long run; the scaler skips those steps itself and the guard must let the run go on.
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+
+    class _Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    scaler = torch.amp.GradScaler("cpu", growth_interval=1)
+    trainer = L.Trainer(max_steps=30, callbacks=[NonFiniteGuard()], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu",
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(_Module(), train_dataloaders=torch.utils.data.DataLoader(torch.randn(30, 8) * 10,
+                                                                          batch_size=None))
+    assert trainer.global_step == 30
+    assert scaler.get_scale() < 65536.0 * 2 ** 30  # it did overflow and back off on the way
+    assert torch.isfinite(model.weight).all()
