@@ -3,6 +3,8 @@ in metrics.json, and that it reads shapes only (no host-device sync)."""
 
 from __future__ import annotations
 
+import csv
+
 import json
 from pathlib import Path
 
@@ -115,14 +117,15 @@ class _TinyLM(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def _fit(tmp_path, steps, **monitor_kwargs):
+def _fit(tmp_path, steps, accumulate=1, callbacks=(), **monitor_kwargs):
     config = ModelConfig(**{**TINY, "attn_impl": "sdpa"})
     torch.manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 100, (4, 16))} for _ in range(steps)]
+    batches = [{"input_ids": torch.randint(0, 100, (4, 16))} for _ in range(steps * accumulate)]
     monitor = ThroughputMonitor(**monitor_kwargs)
-    trainer = L.Trainer(max_steps=steps, callbacks=[monitor], logger=CSVLogger(tmp_path),
-                        enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, accelerator="cpu", log_every_n_steps=1)
+    trainer = L.Trainer(max_steps=steps, callbacks=[*callbacks, monitor],
+                        logger=CSVLogger(tmp_path), enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu",
+                        log_every_n_steps=1, accumulate_grad_batches=accumulate)
     module = _TinyLM(config)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     return monitor, trainer, TrainingFlops(config, module.backbone).batch(4, 16) / 64
@@ -139,6 +142,24 @@ def test_run_means_and_logged_windows(tmp_path):
     header = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
     for name in ("tokens_per_sec", "samples_per_sec", "tflops_per_sec", "mfu"):
         assert f"throughput/{name}" in header
+
+
+def _logged_steps(trainer) -> list[int]:
+    rows = csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open())
+    return [int(r["step"]) for r in rows if r.get("throughput/tokens_per_sec")]
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_windows_end_at_optimizer_steps_and_periodic_saves_keep_them(tmp_path, accumulate):
+    # ResumeCheckpoint saves from its on_train_batch_end before the monitor's (the default
+    # callback order); with accumulation no window may close inside the first optimizer step.
+    from lmlab.callbacks import ResumeCheckpoint
+
+    saver = ResumeCheckpoint(str(tmp_path / "checkpoints"), every_n_steps=4)
+    monitor, trainer, _ = _fit(tmp_path, 8, accumulate, [saver], log_every_n_steps=2)
+    assert _logged_steps(trainer) == [2, 4, 6, 8]
+    assert monitor.summary()["steps_measured"] == 8 * accumulate - 1
+    assert monitor._warmup.batches == 1
 
 
 def test_cpu_without_peak_has_no_mfu_and_says_why(tmp_path):
@@ -177,29 +198,41 @@ class _Clock:
         return self.now
 
 
-def test_checkpoint_saves_and_validation_are_not_training_time(monkeypatch):
+@pytest.mark.parametrize("save_first", [True, False],
+                         ids=["save-before-monitor", "save-after-monitor"])
+def test_checkpoint_saves_and_validation_are_not_training_time(monkeypatch, save_first):
+    # save_first: ResumeCheckpoint's periodic save in the default callback order, from its own
+    # on_train_batch_end before the monitor's (the batch is then accounted by the save).
     from lightning.pytorch.trainer.states import TrainerFn
 
     import lmlab.callbacks.throughput as throughput
 
     clock = _Clock()
     monkeypatch.setattr(throughput.time, "perf_counter", clock)
-    monitor = ThroughputMonitor(log_every_n_steps=1000, warmup_steps=1)
+    monitor = ThroughputMonitor(log_every_n_steps=3, warmup_steps=1)
+    logged = []
 
     class State:
         fn = TrainerFn.FITTING
 
+    class Logger:
+        def log_metrics(self, values, step):
+            logged.append((step, values["throughput/tokens_per_sec"]))
+
     class Trainer:
-        global_step, loggers, state = 0, [], State()
+        global_step, loggers, state = 0, [Logger()], State()
 
     trainer, batch = Trainer(), {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
     for step in range(6):
         monitor.on_train_batch_start(trainer, None, batch, step)
         clock.now += 1.0
         trainer.global_step = step + 1
+        if step == 2 and save_first:
+            monitor.on_save_checkpoint(trainer, None, {})
+            clock.now += 100.0
         monitor.on_train_batch_end(trainer, None, None, batch, step)
-        if step == 2:
-            monitor.on_save_checkpoint(trainer, None, {})  # ResumeCheckpoint's periodic save
+        if step == 2 and not save_first:
+            monitor.on_save_checkpoint(trainer, None, {})
             clock.now += 100.0
         if step == 4:
             monitor.on_validation_start(trainer, None)
@@ -211,3 +244,6 @@ def test_checkpoint_saves_and_validation_are_not_training_time(monkeypatch):
     s = monitor.summary()
     assert s["steps_measured"] == 5 and s["seconds_measured"] == pytest.approx(5.0)
     assert s["tokens_per_sec"] == pytest.approx(16.0)
+    # The save's step is logged either way, its window without the save's 100 s.
+    assert logged == [(3, pytest.approx(16.0)), (6, pytest.approx(16.0))]
+    assert monitor._warmup.batches == 1 and monitor._warmup.seconds == pytest.approx(1.0)

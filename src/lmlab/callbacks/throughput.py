@@ -107,6 +107,8 @@ class ThroughputMonitor(L.Callback):
         self._first_start: float | None = None
         self._last: float | None = None
         self._logged_step = -1
+        self._pending: Any = None  # the batch between its start and its end
+        self._accounted_by_save = False
 
     # ---- setup --------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -141,6 +143,7 @@ class ThroughputMonitor(L.Callback):
         return time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._pending = batch
         if self._first_start is None:
             self._first_start = time.perf_counter()
         elif self._last is None and self._seen:
@@ -148,14 +151,24 @@ class ThroughputMonitor(L.Callback):
             self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
+        if self._accounted_by_save:  # a save in an earlier callback's hook took it
+            self._accounted_by_save = False
+            return
+        self._account(trainer, batch)
+
+    def _account(self, trainer, batch: Any) -> None:
+        """Add the batch that just ended to the windows; log when a logging step ends."""
+        self._pending = None
         shapes = batch_shapes(batch)
         B, T, S = shapes if shapes else (0, 0, None)
         tokens = B * (T + (S or 0)) * self._world
+        # For a model=hf backbone a new length costs a `describe` (~0.2 s for a 1B model):
+        # computed before the clock is read, so no batch is charged for it.
         flops = self._flops.batch(B, T, S) * self._world if (self._flops and shapes) else 0.0
+        now = time.perf_counter()
         self._seen += 1
         if self._seen <= self.warmup_steps or self._last is None:
-            start = self._last if self._last is not None else self._first_start or now
+            start = next((t for t in (self._last, self._first_start) if t is not None), now)
             self._warmup.add(now - start, tokens, B * self._world, flops, 1)
             self._last = now
             return
@@ -163,7 +176,8 @@ class ThroughputMonitor(L.Callback):
             window.add(now - self._last, tokens, B * self._world, flops, 1)
         self._last = now
         step = trainer.global_step
-        if step % self.log_every_n_steps == 0 and step != self._logged_step:
+        # step 0 only occurs within the first optimizer step's accumulated micro-batches.
+        if step > 0 and step % self.log_every_n_steps == 0 and step != self._logged_step:
             self._logged_step = step
             self._catch_up()
             self._log(trainer, self._window)
@@ -190,8 +204,13 @@ class ThroughputMonitor(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # Called before the file is written (ModelCheckpoint after validation, ResumeCheckpoint
-        # every N steps): writing it is not training time.
+        # every N steps): writing it is not training time. A save from a callback's
+        # `on_train_batch_end` that runs before this one's (ResumeCheckpoint in the default
+        # list) comes while the batch is still unaccounted: it ended when the save began.
         if trainer.state.fn == TrainerFn.FITTING:
+            if self._pending is not None:
+                self._account(trainer, self._pending)
+                self._accounted_by_save = True
             self._pause()
 
     def on_train_end(self, trainer, pl_module) -> None:
