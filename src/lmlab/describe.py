@@ -42,6 +42,7 @@ Numbers (T = `seq_len`, default `max_seq_len`; all per token unless said otherwi
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import torch
@@ -93,6 +94,10 @@ def describe(config: ModelConfig, backbone: nn.Module | None = None, seq_len: in
 
 # ---- FLOPs ------------------------------------------------------------------------------------
 
+# Prefix tuning's reparameterisation MLP (lmlab's and peft's) and peft's prompt encoder.
+_VIRTUAL_TOKEN_ENCODERS = {"prefix_encoder", "prompt_encoder"}
+
+
 def _matmul_weights(backbone: nn.Module, config: ModelConfig | None) -> dict[str, tuple[float, bool]]:
     """Module name -> (weights one token multiplies with, whether they train); `_side`
     sorts the names into source/target for encoder-decoders. MoE experts count by the share
@@ -102,6 +107,8 @@ def _matmul_weights(backbone: nn.Module, config: ModelConfig | None) -> dict[str
     for name, module in backbone.named_modules():
         if not (isinstance(module, (nn.Linear, nn.Conv1d)) or type(module).__name__ == "Conv1D"):
             continue
+        if _VIRTUAL_TOKEN_ENCODERS & set(name.split(".")):
+            continue  # runs on the P virtual tokens once per batch, not on every token
         # DeepSpeed ZeRO-3 empties partitioned weights and keeps their size in `ds_numel`.
         numel = getattr(module.weight, "ds_numel", None) or module.weight.numel()
         count = float(numel) * (share if ".experts." in name else 1.0)
@@ -109,8 +116,13 @@ def _matmul_weights(backbone: nn.Module, config: ModelConfig | None) -> dict[str
     return found
 
 
+# What peft puts under an adapted Linear (`k_proj.base_layer`, `k_proj.lora_A.default`, ...).
+_ADAPTER_PARTS = re.compile(r"\.(base_layer|lora_\w+|lora_magnitude_vector|ia3_\w+)(\.\w+)?$")
+
+
 def _side(name: str) -> str:
     """encoder_decoder: which tokens a module runs on."""
+    name = _ADAPTER_PARTS.sub("", name)
     if name.startswith("encoder.") or (".cross_attn." in name and name.endswith(("k_proj", "v_proj"))):
         return "source"
     return "target"
@@ -147,21 +159,24 @@ def _flops(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: int) -
 
 
 def _side_flops(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: int,
-                S: int | None = None) -> dict[str, dict[str, float]]:
+                S: int | None = None, prefix_keys: int = 0) -> dict[str, dict[str, float]]:
     """Per-token FLOPs of each side: "target" (a decoder's or encoder's tokens, T of them per
     sequence) and, for encoder_decoder, "source" (S source tokens; the decoder's
-    cross-attention scores S keys)."""
+    cross-attention scores S keys). `prefix_keys`: keys every self-attention layer scores in
+    addition (prefix tuning's virtual keys)."""
     mixers = config.layer_mixers
     if config.family != "encoder_decoder":
         causal = config.family == "decoder"
+        keys = _attention_keys(config, T, causal) + prefix_keys
         return {"target": _stack_flops(config, list(matmul.values()), mixers.count("attention"),
-                                       _attention_keys(config, T, causal), mixers.count("mamba"))}
+                                       keys, mixers.count("mamba"))}
     S = T if S is None else S
     n_dec = config.n_decoder_layers or config.n_layers
     source = _stack_flops(config, [v for k, v in matmul.items() if _side(k) == "source"],
-                          config.n_layers, _attention_keys(config, S, False), 0)
+                          config.n_layers, _attention_keys(config, S, False) + prefix_keys, 0)
     target = _stack_flops(config, [v for k, v in matmul.items() if _side(k) == "target"],
-                          n_dec, _attention_keys(config, T, True), 0, cross_keys=S, n_cross=n_dec)
+                          n_dec, _attention_keys(config, T, True) + prefix_keys, 0,
+                          cross_keys=S, n_cross=n_dec)
     return {"source": source, "target": target}
 
 
@@ -186,21 +201,79 @@ class TrainingFlops:
         matmul = _matmul_weights(backbone, None if self._hf else config)
         self.matmul = {k: ((w * head_fraction, t) if _HEAD_MODULES & set(k.split(".")) else (w, t))
                        for k, (w, t) in matmul.items()}
+        # Prompt tuning's soft prompt adds positions in front of each (source) sequence, prefix
+        # tuning keys to every self-attention layer: computed, so counted.
+        self.prompt_positions, self.prefix_keys = virtual_tokens(backbone)
+        # Prefix tuning's reparameterisation MLP runs once a batch, on the P virtual tokens.
+        self._per_batch = sum(
+            (6 if m.weight.requires_grad else 4) * m.weight.numel() * self.prefix_keys
+            for name, m in backbone.named_modules()
+            if isinstance(m, nn.Linear) and _VIRTUAL_TOKEN_ENCODERS & set(name.split(".")))
+        if self._hf:
+            # model=hf: the matrix products are the wrapped model's own modules (adapters,
+            # frozen weights and the head's share included, as for lmlab models); attention
+            # comes from `describe` once, as FLOPs per key, since a `describe` of a large model
+            # takes ~0.2 s and padded batches bring new lengths all run long.
+            reference = describe(config, backbone)
+            self._hf_window = (reference.get("kv_cache") or {}).get("window")
+            self._hf_attention_per_key = (reference["flops_per_token"]["attention"]
+                                          / self._hf_keys(reference["seq_len"]))
         self._cache: dict[tuple[int, int | None], float] = {}
+
+    def _hf_keys(self, T: int) -> int:
+        return min(T, self._hf_window) if self._hf_window else T
 
     def batch(self, B: int, T: int, S: int | None = None) -> float:
         key = (T, S)
         if key not in self._cache:
             if self._hf:
-                per = describe(self.config, self.backbone, seq_len=T)["flops_per_token"]
-                self._cache[key] = per["forward_backward"] * T
+                T_run = T + self.prompt_positions
+                attention = self._hf_attention_per_key * (self._hf_keys(T_run) + self.prefix_keys)
+                mm = self.matmul.values()
+                per_token = (sum(2 * w for w, _ in mm) + sum(2 * w * (2 if t else 1) for w, t in mm)
+                             + 3 * attention)
+                # peft's prompt tuning keeps the virtual positions' logits: all T_run positions.
+                self._cache[key] = per_token * T_run
+            elif self.config.family == "encoder_decoder":
+                S = T if S is None else S
+                S_run = S + self.prompt_positions  # the soft prompt goes in front of the source
+                sides = _side_flops(self.config, self.matmul, T, S_run, self.prefix_keys)
+                self._cache[key] = (sides["target"]["forward_backward"] * T
+                                    + sides["source"]["forward_backward"] * S_run)
             else:
-                sides = _side_flops(self.config, self.matmul, T, S)
-                total = sides["target"]["forward_backward"] * T
-                if "source" in sides:
-                    total += sides["source"]["forward_backward"] * (T if S is None else S)
-                self._cache[key] = total
-        return B * self._cache[key]
+                T_run = T + self.prompt_positions
+                sides = _side_flops(self.config, self.matmul, T_run, prefix_keys=self.prefix_keys)
+                # The prompt's states leave before the output layer: it runs on the T tokens.
+                self._cache[key] = (sides["target"]["forward_backward"] * T_run
+                                    - self._head_forward_backward() * self.prompt_positions)
+        return B * self._cache[key] + self._per_batch
+
+    def _head_forward_backward(self) -> float:
+        """Forward+backward FLOPs per position of the output layer (head_fraction applied)."""
+        head = [v for k, v in self.matmul.items() if _HEAD_MODULES & set(k.split("."))]
+        return sum(2 * w + 2 * w * (2 if t else 1) for w, t in head)
+
+
+def virtual_tokens(backbone: nn.Module) -> tuple[int, int]:
+    """(soft-prompt positions, prefix keys) a prompt- or prefix-tuned backbone adds to every
+    sequence; (0, 0) for any other."""
+    prompt = getattr(backbone, "soft_prompt", None)
+    if prompt is not None:
+        return int(prompt.n_virtual_tokens), 0
+    prefix = getattr(backbone, "prefix_encoder", None)
+    if prefix is not None:
+        return 0, int(prefix.n_virtual_tokens)
+    for module in backbone.modules():  # model=hf: peft's PeftModel inside the HFBackbone
+        configs = getattr(module, "peft_config", None)
+        if isinstance(configs, dict) and getattr(module, "active_adapter", None) in configs:
+            config = configs[module.active_adapter]
+            n = int(getattr(config, "num_virtual_tokens", 0) or 0)
+            kind = str(getattr(config, "peft_type", ""))
+            if kind.endswith("PROMPT_TUNING"):
+                return n, 0
+            if kind.endswith("PREFIX_TUNING"):
+                return 0, n
+    return 0, 0
 
 
 def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,
