@@ -191,11 +191,14 @@ class TrainingFlops:
     (T target, S source positions). Padded positions count (the hardware computes them).
 
     `head_fraction` scales the output layer (the share of positions a task runs it on). The
-    weights' trainability is read once, at construction (after PEFT).
+    weights' trainability is read once, at construction (after PEFT). `forward_only`: the
+    forward pass alone (a distillation teacher's).
     """
 
-    def __init__(self, config: ModelConfig, backbone: nn.Module, head_fraction: float = 1.0):
+    def __init__(self, config: ModelConfig, backbone: nn.Module, head_fraction: float = 1.0,
+                 forward_only: bool = False):
         self.config = config
+        self._kind = "forward" if forward_only else "forward_backward"
         self.backbone = backbone
         self._hf = bool(getattr(config, "hf_path", None))
         matmul = _matmul_weights(backbone, None if self._hf else config)
@@ -205,8 +208,9 @@ class TrainingFlops:
         # tuning keys to every self-attention layer: computed, so counted.
         self.prompt_positions, self.prefix_keys = virtual_tokens(backbone)
         # Prefix tuning's reparameterisation MLP runs once a batch, on the P virtual tokens.
+        passes = 1 if forward_only else 3
         self._per_batch = sum(
-            (6 if m.weight.requires_grad else 4) * m.weight.numel() * self.prefix_keys
+            2 * passes * m.weight.numel() * self.prefix_keys
             for name, m in backbone.named_modules()
             if isinstance(m, nn.Linear) and _VIRTUAL_TOKEN_ENCODERS & set(name.split(".")))
         if self._hf:
@@ -230,28 +234,30 @@ class TrainingFlops:
                 T_run = T + self.prompt_positions
                 attention = self._hf_attention_per_key * (self._hf_keys(T_run) + self.prefix_keys)
                 mm = self.matmul.values()
-                per_token = (sum(2 * w for w, _ in mm) + sum(2 * w * (2 if t else 1) for w, t in mm)
-                             + 3 * attention)
+                per_token = sum(2 * w for w, _ in mm) + attention
+                if self._kind == "forward_backward":
+                    per_token += sum(2 * w * (2 if t else 1) for w, t in mm) + 2 * attention
                 # peft's prompt tuning keeps the virtual positions' logits: all T_run positions.
                 self._cache[key] = per_token * T_run
             elif self.config.family == "encoder_decoder":
                 S = T if S is None else S
                 S_run = S + self.prompt_positions  # the soft prompt goes in front of the source
                 sides = _side_flops(self.config, self.matmul, T, S_run, self.prefix_keys)
-                self._cache[key] = (sides["target"]["forward_backward"] * T
-                                    + sides["source"]["forward_backward"] * S_run)
+                self._cache[key] = (sides["target"][self._kind] * T
+                                    + sides["source"][self._kind] * S_run)
             else:
                 T_run = T + self.prompt_positions
                 sides = _side_flops(self.config, self.matmul, T_run, prefix_keys=self.prefix_keys)
                 # The prompt's states leave before the output layer: it runs on the T tokens.
-                self._cache[key] = (sides["target"]["forward_backward"] * T_run
-                                    - self._head_forward_backward() * self.prompt_positions)
+                self._cache[key] = (sides["target"][self._kind] * T_run
+                                    - self._head_flops() * self.prompt_positions)
         return B * self._cache[key] + self._per_batch
 
-    def _head_forward_backward(self) -> float:
-        """Forward+backward FLOPs per position of the output layer (head_fraction applied)."""
+    def _head_flops(self) -> float:
+        """FLOPs per position of the output layer (head_fraction applied)."""
         head = [v for k, v in self.matmul.items() if _HEAD_MODULES & set(k.split("."))]
-        return sum(2 * w + 2 * w * (2 if t else 1) for w, t in head)
+        backward = self._kind == "forward_backward"
+        return sum(2 * w + (2 * w * (2 if t else 1) if backward else 0) for w, t in head)
 
 
 def virtual_tokens(backbone: nn.Module) -> tuple[int, int]:

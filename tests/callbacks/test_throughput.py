@@ -106,6 +106,33 @@ def test_hf_backbone_counts_adapters_frozen_weights_and_head_share(tiny_hf_dir):
     assert with_head - without == pytest.approx(2 * 32 * 6 * head)
 
 
+def test_distillation_teacher_forward_is_counted():
+    student_config = ModelConfig(**TINY)
+    teacher_config = ModelConfig(**{**TINY, "d_model": 64, "n_layers": 3})
+    torch.manual_seed(0)
+    student, teacher = build_backbone(student_config), build_backbone(teacher_config).eval()
+    ids = torch.randint(0, 100, (3, 40))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        teacher(ids)
+    forward = TrainingFlops(teacher_config, teacher, forward_only=True).batch(3, 40)
+    assert forward == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+    class Task:  # what the monitor reads of a task=distill module
+        backbone, device = student, torch.device("cpu")
+
+    Task.teacher = teacher
+
+    class Trainer:
+        world_size, precision, global_step, loggers = 1, "32-true", 1, []
+
+    monitor = ThroughputMonitor(warmup_steps=0)
+    monitor.on_fit_start(Trainer(), Task())
+    monitor._last = 0.0
+    monitor.on_train_batch_end(Trainer(), Task(), None, {"input_ids": ids}, 0)
+    student_flops = TrainingFlops(student_config, student).batch(3, 40)
+    assert monitor._total.flops == pytest.approx(student_flops + forward)
+
+
 def test_head_fraction_scales_the_output_layer_only():
     config = ModelConfig(**TINY)
     model = build_backbone(config)

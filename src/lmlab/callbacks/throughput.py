@@ -11,9 +11,10 @@ and summarised over the whole run (`summary()`, written to `metrics.json` under
   at validation and at the end, so the asynchronous queue does not blur the windows.
 - FLOPs are `describe`'s analytic forward+backward count for each batch's shape
   (`TrainingFlops`: attention included, MoE at its active experts, encoder and decoder
-  tokens for seq2seq, frozen weights without weight gradients under PEFT; the task's
-  `flops_head_fraction` scales the output layer, e.g. mlm runs it on masked positions
-  only). Activation recomputation is not counted (MFU, not hardware FLOPs utilisation).
+  tokens for seq2seq, frozen weights without weight gradients under PEFT, prompt and prefix
+  tuning's virtual tokens; the task's `flops_head_fraction` scales the output layer, e.g.
+  mlm runs it on masked positions only; a distillation teacher's forward is added).
+  Activation recomputation is not counted (MFU, not hardware FLOPs utilisation).
 - MFU = achieved / (peak × devices), the peak from `peak_flops.PEAK_TFLOPS` for the GPU and
   the trainer's precision, or `peak_tflops` (per device) for anything else; null with a note
   when neither is known (e.g. a CPU without `peak_tflops`).
@@ -96,6 +97,7 @@ class ThroughputMonitor(L.Callback):
 
     def _reset(self) -> None:
         self._flops: TrainingFlops | None = None
+        self._teacher_flops: TrainingFlops | None = None
         self._cuda: torch.device | None = None
         self._world = 1
         self._peak: float | None = None
@@ -118,6 +120,11 @@ class ThroughputMonitor(L.Callback):
         if config is not None:
             head = float(getattr(pl_module, "flops_head_fraction", 1.0))
             self._flops = TrainingFlops(config, backbone, head_fraction=head)
+        # task=distill: the frozen teacher's forward on every batch is computed too.
+        teacher = getattr(pl_module, "teacher", None)
+        teacher_config = getattr(teacher, "config", None)
+        if teacher_config is not None:
+            self._teacher_flops = TrainingFlops(teacher_config, teacher, forward_only=True)
         device = pl_module.device
         self._cuda = device if device.type == "cuda" else None
         self._world = max(1, trainer.world_size)
@@ -165,6 +172,8 @@ class ThroughputMonitor(L.Callback):
         # For a model=hf backbone a new length costs a `describe` (~0.2 s for a 1B model):
         # computed before the clock is read, so no batch is charged for it.
         flops = self._flops.batch(B, T, S) * self._world if (self._flops and shapes) else 0.0
+        if self._teacher_flops is not None and flops:
+            flops += self._teacher_flops.batch(B, T, S) * self._world
         now = time.perf_counter()
         self._seen += 1
         if self._seen <= self.warmup_steps or self._last is None:
