@@ -106,6 +106,21 @@ def test_hf_backbone_counts_adapters_frozen_weights_and_head_share(tiny_hf_dir):
     assert with_head - without == pytest.approx(2 * 32 * 6 * head)
 
 
+def test_batches_of_unknown_layout_give_no_rates_rather_than_zero():
+    # A custom task's tuple batch: the monitor cannot read its shapes, so it says so.
+    monitor = ThroughputMonitor(log_every_n_steps=1, warmup_steps=0)
+    monitor._last = 0.0
+
+    class Trainer:
+        global_step, loggers = 1, []
+
+    monitor.on_train_batch_end(Trainer(), None, None, (torch.zeros(4, 16), torch.zeros(4)), 0)
+    s = monitor.summary()
+    assert s["steps_measured"] == 1 and s["seconds_measured"] > 0
+    assert s["tokens_per_sec"] is s["samples_per_sec"] is s["tflops_per_sec"] is None
+    assert "input_ids" in s["note"]
+
+
 def test_distillation_teacher_forward_is_counted():
     student_config = ModelConfig(**TINY)
     teacher_config = ModelConfig(**{**TINY, "d_model": 64, "n_layers": 3})

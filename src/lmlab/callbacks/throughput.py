@@ -98,6 +98,7 @@ class ThroughputMonitor(L.Callback):
     def _reset(self) -> None:
         self._flops: TrainingFlops | None = None
         self._teacher_flops: TrainingFlops | None = None
+        self._unknown_batch = False  # a batch whose shapes batch_shapes cannot read
         self._cuda: torch.device | None = None
         self._world = 1
         self._peak: float | None = None
@@ -167,6 +168,11 @@ class ThroughputMonitor(L.Callback):
         """Add the batch that just ended to the windows; log when a logging step ends."""
         self._pending = None
         shapes = batch_shapes(batch)
+        if shapes is None and not self._unknown_batch:
+            self._unknown_batch = True
+            self._info["note"] = "; ".join(filter(None, [self._info.get("note"), (
+                "training batches without input_ids or src_ids/tgt_in: tokens, samples and "
+                "FLOPs unknown, only the time is measured")]))
         B, T, S = shapes if shapes else (0, 0, None)
         tokens = B * (T + (S or 0)) * self._world
         # For a model=hf backbone a new length costs a `describe` (~0.2 s for a 1B model):
@@ -228,6 +234,8 @@ class ThroughputMonitor(L.Callback):
     # ---- reporting --------------------------------------------------------------------------
     def _rates(self, window: _Window) -> dict[str, float | None]:
         if window.seconds <= 0:
+            return dict.fromkeys(METRICS)
+        if self._unknown_batch:  # a zero rate would read as a measurement
             return dict.fromkeys(METRICS)
         tflops = window.flops / window.seconds / 1e12 if self._flops else None
         mfu = tflops / (self._peak * self._world) if (tflops is not None and self._peak) else None
