@@ -171,6 +171,23 @@ def test_peak_table(name, precision, expected):
     assert device_peak(name, precision_kind(precision))[1] == expected
 
 
+@pytest.mark.parametrize("param_dtype,expected", [(None, "fp32"), (torch.bfloat16, "bf16"),
+                                                  (torch.float16, "fp16")])
+def test_fsdp_param_dtype_sets_the_peak_column(param_dtype, expected):
+    from lmlab.callbacks.peak_flops import compute_kind
+
+    class Trainer:
+        precision = "32-true"
+        strategy = type("Strategy", (), {"param_dtype": param_dtype})()
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert compute_kind(Trainer()) == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_tf32_matmuls_use_the_tf32_peak():
     before = torch.get_float32_matmul_precision()
     try:

@@ -40,6 +40,15 @@ def precision_kind(precision: str | int | None) -> str:
     return "tf32" if tf32 else "fp32"
 
 
+def compute_kind(trainer) -> str:
+    """The peak column of a run: `precision_kind(trainer.precision)`, unless the strategy
+    casts the weights for compute (FSDP2's `param_dtype`: its matmuls run in that dtype
+    whatever `trainer.precision` says, and an fp32 peak would overstate the MFU ~2-15x)."""
+    compute_dtype = getattr(getattr(trainer, "strategy", None), "param_dtype", None)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype,
+                                                               precision_kind(trainer.precision))
+
+
 def device_peak(device_name: str, precision: str) -> tuple[str | None, float | None]:
     """(the table's name for the device, its peak TFLOP/s at `precision`), None when unknown."""
     for pattern, name, peaks in PEAK_TFLOPS:

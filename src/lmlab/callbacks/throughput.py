@@ -33,7 +33,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lmlab.callbacks.peak_flops import device_name, device_peak, precision_kind
+from lmlab.callbacks.peak_flops import compute_kind, device_name, device_peak
 from lmlab.describe import TrainingFlops
 from lmlab.errors import ConfigError
 
@@ -129,7 +129,7 @@ class ThroughputMonitor(L.Callback):
         device = pl_module.device
         self._cuda = device if device.type == "cuda" else None
         self._world = max(1, trainer.world_size)
-        name, kind = device_name(device), precision_kind(trainer.precision)
+        name, kind = device_name(device), compute_kind(trainer)
         note = None
         if self.peak_tflops is not None:
             self._peak, source = float(self.peak_tflops), "callbacks.throughput.peak_tflops"
