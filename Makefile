@@ -25,7 +25,7 @@ train: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The benchmark table (bench/results.md); BENCH_ARGS="--only train" or "--quick".
+# The benchmark table (bench/results.md; with BENCH_ARGS="--only train", bench/results_train.md), or "--quick".
 bench: setup
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -12,8 +12,8 @@ The lmlab backbone is built, exported with `lmlab.models.hf.export_hf` and loade
   kernels the bf16 rows are measured twice: against HF as its users run it (the emulated bf16
   kernel: what lmlab's `lmlab.precision` saves them), and with HF's products under the same
   `lmlab.precision` context as lmlab's ("equal kernels": the model code compared, nothing
-  else). Compiled, only the equal-kernels row runs: inductor's emulated bf16 GEMMs take ~50 s a
-  step a side here.
+  else), eager and compiled, the rows against HF as run with 1 step a repeat (its emulated bf16
+  step takes ~40-50 s here).
 - generate: greedy decoding with a KV cache, `lmlab.models.generation.generate` vs
   `LlamaForCausalLM.generate` (no early stop), tokens/s of new tokens; the tokens are compared.
 """

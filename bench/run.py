@@ -72,15 +72,20 @@ def _tokenizers(size: Size, quick: bool, device: torch.device) -> list[Row]:
             tokenizer = bt.build(kind, corpus[: 100_000 if quick else bt.TRAIN_CHARS], cache)
             # 15 repeats: the library call alone varies by up to 7 % against itself here
             # (`bench_tokenizers.py --control`), as much as the gap the goal is about.
-            r = bt.bench(kind, tokenizer, text, 2 if quick else 15)
+            r = bt.bench(kind, tokenizer, text, TOKENIZER_REPEATS[quick])
             # Ratios: the median of each repeat's own ratio, steadier under load than the ratio
             # of medians, as in every row.
             rows.append(time_row("tokenizers: lmlab pipeline vs the library", f"{kind}, "
                                  f"{len(text.encode()) / 2**20:.2f} MiB", r["pipeline"], r["raw"],
-                                 1.1, [] if r["exact"] else ["ids differ from the library's"],
+                                 1.1, ([] if r["exact"] else ["ids differ from the reference's"])
+                                 + ([NO_LIBRARY] if kind in ("byte", "char") else []),
                                  r["paired_cpu"], r["paired"]))
     return rows
 
+
+TOKENIZER_REPEATS = {False: 15, True: 2}  # by quick
+NO_LIBRARY = ("no library encodes byte/char: the reference is the plain numpy computation of the "
+              "ids")
 
 BENCHES: dict[str, Callable[[Size, bool, torch.device], list[Row]]] = {
     "train": _train,          # 1. gqa vs LlamaForCausalLM, fp32/bf16, eager/compiled
@@ -106,9 +111,18 @@ def header(size: Size, size_name: str, device: torch.device, host_memory: str) -
             f"{size.d_model}, {size.n_heads} heads ({size.n_kv_heads} KV), FFN {size.d_ff}, vocab "
             f"{size.vocab}, batch {size.batch}x{size.seq_len}; median of {size.repeats} "
             f"interleaved repeats of {size.steps} step(s) unless a row says otherwise (train: "
-            f"{size.repeats + 4}); host_memory={host_memory} for both sides. Ratio = lmlab / "
+            f"{size.repeats + 4}; tokenizers: {TOKENIZER_REPEATS[size_name == 'quick']}); "
+            "host_memory={host_memory} for both sides. Ratio = lmlab / "
             "reference: the median of the ratios of the repeats' pairs (the two sides run back "
             "to back), in wall and in process CPU time; lmlab and reference columns: medians.")
+
+
+def default_out(device: torch.device, only: list[str] | None) -> Path:
+    """bench/results.md for a full CPU run (the table the README shows); a partial run
+    (`--only`) gets a file of its own, so it never replaces the full table; a CUDA run's
+    table goes to results_cuda_table*.md, beside the hand-written results_cuda.md."""
+    stem = "results" if device.type == "cpu" else "results_cuda_table"
+    return ROOT / "bench" / f"{stem}{''.join('_' + name for name in only or [])}.md"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                         "tokenizers go there")
     parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
     parser.add_argument("--out", type=Path, default=None,
-                        help="markdown file to write (default: bench/results.md on CPU, "
-                        "bench/results_cuda.md on CUDA, none with --quick)")
+                        help="markdown file to write (default: bench/results.md for a full CPU "
+                        "run, bench/results_<parts>.md with --only, "
+                        "bench/results_cuda_table[_<parts>].md on CUDA, none with --quick)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); on a machine busy with "
                         "other jobs, 1 avoids threads spinning against each other")
@@ -160,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     size_name = "quick" if args.quick else (args.size or "cpu")
     size = SIZES[size_name]
-    default_out = ROOT / "bench" / ("results.md" if device.type == "cpu" else "results_cuda.md")
-    out = args.out or (None if size_name == "quick" else default_out)
+    out = args.out or (None if size_name == "quick" else default_out(device, args.only))
     rows: list[Row] = []
     started = time.perf_counter()
     for name in args.only or list(BENCHES):

@@ -63,3 +63,15 @@ def test_rows_report_the_median_of_the_pairs_ratios():
     assert not time_row("t", "w", 2.0, 1.0, 1.2).met  # without pairs: lmlab / reference
     fast = rate_row("r", "w", 100.0, 200.0, 1.05, paired_ratio=1.06)
     assert fast.met and "| 1.06x |" in markdown([fast])
+
+
+def test_partial_and_cuda_runs_never_replace_the_full_tables():
+    # bench/results.md is the full CPU table the README shows, results_cuda.md the hand-written
+    # GPU record: `--only` and CUDA runs write tables of their own unless --out says otherwise.
+    from bench.run import default_out
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert default_out(cpu, None) == ROOT / "bench" / "results.md"
+    assert default_out(cpu, ["train"]) == ROOT / "bench" / "results_train.md"
+    assert default_out(cuda, None) == ROOT / "bench" / "results_cuda_table.md"
+    assert default_out(cuda, ["loops", "encoders"]).name == "results_cuda_table_loops_encoders.md"

@@ -97,3 +97,33 @@ def test_report_shows_memory_columns(tmp_path):
     assert {"param_bytes", "grad_bytes", "optimizer_state_bytes"} <= set(columns)
     assert "cuda_peak_allocated_bytes" not in columns  # no run measured it
     assert [r["optimizer_state_bytes"] for r in rows] == [800, 220, ""]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_peak_is_each_runs_own_in_one_process():
+    # A sweep's runs share one process: a small run after a large one reports its own peak.
+    import lightning as L
+
+    from lmlab.callbacks.memory import MemoryMonitor
+
+    class Net(L.LightningModule):
+        def __init__(self, width):
+            super().__init__()
+            self.layer = torch.nn.Linear(width, width)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    peaks = []
+    for width in (4096, 64):
+        monitor = MemoryMonitor()
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, width)),
+                                           batch_size=4)
+        L.Trainer(max_steps=2, accelerator="gpu", devices=1, callbacks=[monitor], logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(Net(width), data)
+        peaks.append(monitor.memory["cuda_peak_allocated_bytes"])
+    assert peaks[1] < peaks[0] / 2  # without the reset: the first run's peak again

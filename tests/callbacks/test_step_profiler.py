@@ -41,3 +41,19 @@ def test_profile_of_a_run_shorter_than_start_is_not_written(tmp_path):
 def test_bad_settings_are_config_errors(kwargs):
     with pytest.raises(ConfigError, match="callbacks.step_profiler"):
         StepProfiler(**kwargs)
+
+
+def test_each_rank_keeps_its_own_profile(tmp_path):
+    # Under DDP every rank profiles; rank 0's file has the plain name, the others' their rank.
+    class Module:
+        device = torch.device("cpu")
+
+    for rank in (0, 1):
+        trainer = type("Trainer", (), {"global_step": 0, "global_rank": rank})()
+        profiler = StepProfiler(start_step=0, steps=1, dirpath=str(tmp_path))
+        profiler.on_train_batch_start(trainer, Module(), None, 0)
+        torch.randn(8, 8) @ torch.randn(8, 8)
+        trainer.global_step = 1
+        profiler.on_train_batch_end(trainer, Module(), None, None, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_profile.rank1.txt",
+                                                          "step_profile.txt"]

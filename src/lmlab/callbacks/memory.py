@@ -53,6 +53,10 @@ class MemoryMonitor(L.Callback):
         params = list(pl_module.parameters())  # tied weights are yielded once
         self.memory["param_bytes"] = parameter_bytes(params)
         self.memory["trainable_param_bytes"] = parameter_bytes(p for p in params if p.requires_grad)
+        if pl_module.device.type == "cuda":
+            # The peak is the process's: the runs of a sweep share one process (Hydra's basic
+            # launcher), and each must report its own.
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if "grad_bytes" not in self.memory:

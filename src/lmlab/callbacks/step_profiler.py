@@ -5,7 +5,8 @@ The bare-loop counterpart is bench/profile_step.py; the two side by side show wh
 Off by default; add it to any run with
 `+callbacks.step_profiler._target_=lmlab.callbacks.StepProfiler` (and `+callbacks.step_profiler.
 start_step=...`). It writes `<run dir>/step_profile.txt`: the top ops by device time (CUDA
-kernels on a GPU, CPU ops otherwise) and by host time, and the profiled steps' wall time.
+kernels on a GPU, CPU ops otherwise) and by host time, and the profiled steps' wall time;
+with several processes, rank N > 0 writes `step_profile.rankN.txt`.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ class StepProfiler(L.Callback):
             text += ["\n## by host time\n",
                      averages.table(sort_by="self_cpu_time_total", row_limit=self.row_limit,
                                     max_name_column_width=80)]
-        self.path = Path(self.dirpath or _run_dir(trainer)) / self.filename
+        # Every rank profiles its own steps; each keeps its own file (rank 0's has the plain name).
+        name = Path(self.filename)
+        if trainer.global_rank:
+            name = name.with_name(f"{name.stem}.rank{trainer.global_rank}{name.suffix}")
+        self.path = Path(self.dirpath or _run_dir(trainer)) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(text) + "\n")
