@@ -159,11 +159,12 @@ def _flops(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: int) -
 
 
 def _side_flops(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: int,
-                S: int | None = None, prefix_keys: int = 0) -> dict[str, dict[str, float]]:
+                S: int | None = None, prefix_keys: int = 0,
+                prefix_cross_keys: int = 0) -> dict[str, dict[str, float]]:
     """Per-token FLOPs of each side: "target" (a decoder's or encoder's tokens, T of them per
     sequence) and, for encoder_decoder, "source" (S source tokens; the decoder's
-    cross-attention scores S keys). `prefix_keys`: keys every self-attention layer scores in
-    addition (prefix tuning's virtual keys)."""
+    cross-attention scores S keys). `prefix_keys` / `prefix_cross_keys`: keys every
+    self-attention / cross-attention layer scores in addition (prefix tuning's virtual keys)."""
     mixers = config.layer_mixers
     if config.family != "encoder_decoder":
         causal = config.family == "decoder"
@@ -176,7 +177,7 @@ def _side_flops(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: i
                           config.n_layers, _attention_keys(config, S, False) + prefix_keys, 0)
     target = _stack_flops(config, [v for k, v in matmul.items() if _side(k) == "target"],
                           n_dec, _attention_keys(config, T, True) + prefix_keys, 0,
-                          cross_keys=S, n_cross=n_dec)
+                          cross_keys=S + prefix_cross_keys, n_cross=n_dec)
     return {"source": source, "target": target}
 
 
@@ -207,12 +208,23 @@ class TrainingFlops:
         # Prompt tuning's soft prompt adds positions in front of each (source) sequence, prefix
         # tuning keys to every self-attention layer: computed, so counted.
         self.prompt_positions, self.prefix_keys = virtual_tokens(backbone)
-        # Prefix tuning's reparameterisation MLP runs once a batch, on the P virtual tokens.
+        self.prefix_cross_keys = self.prefix_keys if _prefixed_cross_attention(backbone) else 0
+        # Prefix tuning's reparameterisation MLP on the P virtual tokens: lmlab's once a batch,
+        # its first layer again for every attention layer it serves (`PrefixEncoder.layer_kv`);
+        # peft's for every sequence (`per_sequence`).
         passes = 1 if forward_only else 3
-        self._per_batch = sum(
-            2 * passes * m.weight.numel() * self.prefix_keys
-            for name, m in backbone.named_modules()
-            if isinstance(m, nn.Linear) and _VIRTUAL_TOKEN_ENCODERS & set(name.split(".")))
+        self._per_batch, self._per_sequence = 0.0, 0.0
+        for name, m in backbone.named_modules():
+            parts = name.split(".")
+            if not (isinstance(m, nn.Linear) and _VIRTUAL_TOKEN_ENCODERS & set(parts)):
+                continue
+            flops = 2 * passes * m.weight.numel() * self.prefix_keys
+            if self._hf:
+                self._per_sequence += flops
+            else:
+                owner = backbone.get_submodule(".".join(parts[:parts.index("prefix_encoder") + 1]))
+                first = name.endswith("mlp.0")
+                self._per_batch += flops * (owner.n_slots if first else 1)
         if self._hf:
             # model=hf: the matrix products are the wrapped model's own modules (adapters,
             # frozen weights and the head's share included, as for lmlab models); attention
@@ -238,11 +250,12 @@ class TrainingFlops:
                 if self._kind == "forward_backward":
                     per_token += sum(2 * w * (2 if t else 1) for w, t in mm) + 2 * attention
                 # peft's prompt tuning keeps the virtual positions' logits: all T_run positions.
-                self._cache[key] = per_token * T_run
+                self._cache[key] = per_token * T_run + self._per_sequence
             elif self.config.family == "encoder_decoder":
                 S = T if S is None else S
                 S_run = S + self.prompt_positions  # the soft prompt goes in front of the source
-                sides = _side_flops(self.config, self.matmul, T, S_run, self.prefix_keys)
+                sides = _side_flops(self.config, self.matmul, T, S_run, self.prefix_keys,
+                                    self.prefix_cross_keys)
                 self._cache[key] = (sides["target"][self._kind] * T
                                     + sides["source"][self._kind] * S_run)
             else:
@@ -258,6 +271,14 @@ class TrainingFlops:
         head = [v for k, v in self.matmul.items() if _HEAD_MODULES & set(k.split("."))]
         backward = self._kind == "forward_backward"
         return sum(2 * w + (2 * w * (2 if t else 1) if backward else 0) for w, t in head)
+
+
+def _prefixed_cross_attention(backbone: nn.Module) -> bool:
+    """Whether prefix tuning also gave the cross-attention layers keys (`cross_attention`)."""
+    from lmlab.models.layers.cross_attention import CrossAttention
+
+    return any(isinstance(m, CrossAttention) and getattr(m, "prefix_kv", None) is not None
+               for m in backbone.modules())
 
 
 def virtual_tokens(backbone: nn.Module) -> tuple[int, int]:

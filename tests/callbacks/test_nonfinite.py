@@ -117,6 +117,41 @@ def test_scaler_overflows_are_left_to_the_scaler_until_its_scale_collapses(polic
         module = type("Module", (), {"log": lambda self, k, v: logged.update({k: v})})()
         guard.on_before_optimizer_step(_ScaledTrainer(0.5), module, inf)
         assert guard.skipped == 1 and logged == {"train/skipped_steps": 1.0}
+        # The scaler skips the step itself; without gradients it would have no inf to see.
+        assert inf.param_groups[0]["params"][0].grad is not None
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw", "adamw"])
+def test_fp16_skip_policy_on_a_diverged_run_keeps_training(fused):
+    # NaN weights at step 3: every later step overflows until the scale is below 1, then the
+    # guard counts skips; the scaler skips the steps. fused=True is the default optimizer, which
+    # Lightning does not unscale before the hook (dropping the gradients crashed the scaler).
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class _Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 3:
+                with torch.no_grad():
+                    self.model.weight.fill_(float("nan"))
+            return self.model(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=fused)
+
+    guard = NonFiniteGuard(policy="skip")
+    trainer = L.Trainer(max_steps=40, callbacks=[guard], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu",
+                        plugins=[MixedPrecision("16-mixed", "cpu",
+                                                scaler=torch.amp.GradScaler("cpu"))])
+    trainer.fit(_Module(), train_dataloaders=torch.utils.data.DataLoader(torch.randn(40, 8),
+                                                                          batch_size=None))
+    assert trainer.global_step == 40 and guard.skipped > 10
 
 
 def test_fp16_run_with_routine_overflows_trains_to_the_end():

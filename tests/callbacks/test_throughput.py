@@ -88,6 +88,18 @@ def test_lora_encoder_decoder_keeps_cross_attention_keys_on_the_source(S):
     assert flops == pytest.approx(_counted(model, config, 3, 40, S), rel=0.04)
 
 
+@pytest.mark.parametrize("cross", [True, False], ids=["cross-prefixed", "self-only"])
+def test_prefix_tuned_encoder_decoder_counts_the_cross_attention_prefix(cross):
+    from lmlab.peft.prefix import PrefixTuning
+
+    config = ModelConfig(**TINY, family="encoder_decoder", position="relative", n_decoder_layers=3)
+    torch.manual_seed(0)
+    model = PrefixTuning(n_virtual_tokens=40, cross_attention=cross).apply(build_backbone(config))
+    flops = TrainingFlops(config, model).batch(3, 40, 24)
+    # 2 encoder layers: the pruned input gradients of the lowest layers, ~4 % here.
+    assert flops == pytest.approx(_counted(model, config, 3, 40, 24), rel=0.05)
+
+
 def test_hf_backbone_counts_adapters_frozen_weights_and_head_share(tiny_hf_dir):
     from lmlab.models.hf_backbone import HFBackbone
     from lmlab.peft.lora import LoRA
@@ -272,6 +284,28 @@ def test_windows_end_at_optimizer_steps_and_periodic_saves_keep_them(tmp_path, a
     assert _logged_steps(trainer) == [2, 4, 6, 8]
     assert monitor.summary()["steps_measured"] == 8 * accumulate - 1
     assert monitor._warmup.batches == 1
+
+
+def test_resumed_accumulating_run_logs_no_partial_window():
+    # Resumed at step 10 (already logged by the first run), accumulating 4 micro-batches: the
+    # first window ends at step 15, never inside step 10's micro-batches.
+    monitor = ThroughputMonitor(log_every_n_steps=5, warmup_steps=0)
+    logged = []
+
+    class Logger:
+        def log_metrics(self, values, step):
+            logged.append(step)
+
+    class Trainer:
+        global_step, loggers = 10, [Logger()]
+
+    trainer, batch = Trainer(), {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+    monitor.on_train_start(trainer, None)
+    for micro in range(5 * 4 + 1):
+        monitor.on_train_batch_start(trainer, None, batch, micro)
+        trainer.global_step = 10 + (micro + 1) // 4
+        monitor.on_train_batch_end(trainer, None, None, batch, micro)
+    assert logged == [15]
 
 
 def test_cpu_without_peak_has_no_mfu_and_says_why(tmp_path):

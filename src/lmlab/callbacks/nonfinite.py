@@ -113,7 +113,11 @@ class NonFiniteGuard(L.Callback):
             return
         if self.policy == "skip":
             self.skipped += 1
-            optimizer.zero_grad(set_to_none=True)
+            if scale is None:
+                optimizer.zero_grad(set_to_none=True)
+            # else the scaler skips the step itself (its gradients hold the inf): dropping them
+            # would leave the scaler no inf check to update from (an assertion with a fused
+            # optimizer, which it does not unscale before this hook).
             log.warning("non-finite gradients at step %d: step skipped (%d so far)", step, self.skipped)
             pl_module.log("train/skipped_steps", float(self.skipped))
             return

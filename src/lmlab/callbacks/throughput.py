@@ -145,6 +145,12 @@ class ThroughputMonitor(L.Callback):
                       "peak_tflops": self._peak, "peak_source": source, "note": note}
 
     # ---- measuring --------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        # The step training starts at (after a resume restored it; 0 otherwise) has no window
+        # of its own to log: the micro-batches accumulating towards the next step would
+        # otherwise be logged as one at their first batch end.
+        self._logged_step = trainer.global_step
+
     def _sync_now(self) -> float:
         if self._cuda is not None:
             torch.cuda.synchronize(self._cuda)
@@ -191,8 +197,7 @@ class ThroughputMonitor(L.Callback):
             window.add(now - self._last, tokens, B * self._world, flops, 1)
         self._last = now
         step = trainer.global_step
-        # step 0 only occurs within the first optimizer step's accumulated micro-batches.
-        if step > 0 and step % self.log_every_n_steps == 0 and step != self._logged_step:
+        if step % self.log_every_n_steps == 0 and step != self._logged_step:
             self._logged_step = step
             self._catch_up()
             self._log(trainer, self._window)
