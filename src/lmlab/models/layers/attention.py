@@ -3,7 +3,9 @@
 `n_kv_heads == n_heads` is MHA, `1` is MQA, anything between is GQA: query head h reads
 key/value head h // (n_heads / n_kv_heads). The fast path is
 `F.scaled_dot_product_attention` (flash / memory-efficient kernels, native GQA); `eager` is
-the explicit softmax(QK^T / sqrt(d) + mask) V reference that tests compare against.
+the explicit softmax(QK^T / sqrt(d) + mask) V reference that tests compare against. On the
+CPU, two cases of `sdpa` run lmlab's own kernels where SDPA's are slow: a learned bias with a
+gradient (`biased_attention`) and causal training at 128-512 tokens (`causal_attention`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.models.layers import biased_attention as learned_bias
+from lmlab.models.layers import causal_attention as causal_blocks
 from lmlab.models.layers.fused_projection import concatenated_linear, fusable
 from lmlab.models.layers.mask import causal_mask
 from lmlab.models.layers.position import apply_rotary, rotate_half
@@ -191,6 +194,10 @@ class MultiHeadAttention(nn.Module):
             # A bias with a gradient (T5's relative positions) sends SDPA to its math path.
             out = learned_bias.learned_bias_attention(q, k, v, attn_mask, causal=self.causal,
                                                       dropout_p=dropout_p)
+        elif self.attn_impl == "sdpa" and causal_blocks.applies(q, k, is_causal, attn_mask,
+                                                                dropout_p):
+            # CPU training: SDPA's fused CPU kernel runs its products at ~1/3 of FMA peak.
+            out = causal_blocks.causal_block_attention(q, k, v)
         else:
             attend = F.scaled_dot_product_attention if self.attn_impl == "sdpa" else eager_attention
             out = attend(
