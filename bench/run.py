@@ -112,7 +112,7 @@ def header(size: Size, size_name: str, device: torch.device, host_memory: str) -
             f"{size.vocab}, batch {size.batch}x{size.seq_len}; median of {size.repeats} "
             f"interleaved repeats of {size.steps} step(s) unless a row says otherwise (train: "
             f"{size.repeats + 4}; tokenizers: {TOKENIZER_REPEATS[size_name == 'quick']}); "
-            "host_memory={host_memory} for both sides. Ratio = lmlab / "
+            f"host_memory={host_memory} for both sides. Ratio = lmlab / "
             "reference: the median of the ratios of the repeats' pairs (the two sides run back "
             "to back), in wall and in process CPU time; lmlab and reference columns: medians.")
 

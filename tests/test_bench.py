@@ -37,6 +37,7 @@ def test_make_bench_quick_runs_every_bench(tmp_path):
     if emulated_bf16("bf16-mixed", "cpu"):  # bf16 also with HF under lmlab.precision
         assert "bf16 eager (equal kernels" in table
     assert "torch threads" in table.splitlines()[0]  # the header names the machine
+    assert "host_memory=keep for both sides" in table.splitlines()[0]
 
 
 def test_cuda_without_a_gpu_fails_before_any_work(capsys):
