@@ -55,6 +55,15 @@ def _masks(n: int, device: torch.device) -> Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
 
 
+def _grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, float, Tensor, Tensor, Tensor]:
+    """(H_kv, query heads per KV head, 1/√d, queries [B·H_kv, group, T, D], keys and values
+    [B·H_kv, T, D])."""
+    B, H, T, D = q.shape
+    Hk = k.shape[1]
+    return (Hk, H // Hk, 1.0 / math.sqrt(D), q.reshape(B * Hk, H // Hk, T, D),
+            k.reshape(B * Hk, T, D), v.reshape(B * Hk, T, D))
+
+
 class CausalBlockAttention(torch.autograd.Function):
     """Rows of block b of every query head of a group are stacked: [B·H_kv, group·n, D], so
     each block is two GEMMs forward and four backward against the keys [0, end of block)."""
@@ -62,10 +71,7 @@ class CausalBlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         B, H, T, D = q.shape
-        Hk = k.shape[1]
-        group, scale = H // Hk, 1.0 / math.sqrt(D)
-        queries = q.reshape(B * Hk, group, T, D)
-        keys, values = k.reshape(B * Hk, T, D), v.reshape(B * Hk, T, D)
+        Hk, group, scale, queries, keys, values = _grouped(q, k, v)
         out = q.new_empty(B * Hk, group, T, D)
         probs = []
         for t0, t1 in _blocks(T):
@@ -85,10 +91,7 @@ class CausalBlockAttention(torch.autograd.Function):
     def backward(ctx, d_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v, out, *probs = ctx.saved_tensors
         B, H, T, D = q.shape
-        Hk = k.shape[1]
-        group, scale = H // Hk, 1.0 / math.sqrt(D)
-        queries = q.reshape(B * Hk, group, T, D)
-        keys, values = k.reshape(B * Hk, T, D), v.reshape(B * Hk, T, D)
+        Hk, group, scale, queries, keys, values = _grouped(q, k, v)
         d_out = d_out.reshape(B * Hk, group, T, D)
         # d(scores) = p · (d(p) − Σ_j p_j d(p)_j), and Σ_j p_j d(p)_j = d(out) · out per row.
         row_dot = (d_out * out).sum(-1)
