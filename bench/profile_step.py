@@ -11,7 +11,7 @@ backbone called with `labels=`, its chunked fused output layer + loss traced int
 `fused-graphs` and `step-graphs` (the same under `mode="reduce-overhead"`: CUDA graphs).
 `fused` against `step` says whether the chunked loss or inductor's full-logits loss is faster
 on the GPU at hand; the `-graphs` variants what launch overhead costs.
-FLOPs are lmlab's analytic count (`describe.TrainingFlops`), the peak the GPU table's bf16.
+FLOPs are lmlab's analytic count (`flops.TrainingFlops`), the peak the GPU table's bf16.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.callbacks.peak_flops import device_peak
-from lmlab.describe import TrainingFlops
+from lmlab.flops import TrainingFlops
 from lmlab.models import ModelConfig, build_backbone
 
 

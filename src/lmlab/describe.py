@@ -42,14 +42,14 @@ Numbers (T = `seq_len`, default `max_seq_len`; all per token unless said otherwi
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.models.accounting import experts_per_token, parameter_report
+from lmlab.flops import attention_keys, flops_per_token, matmul_weights
+from lmlab.models.accounting import parameter_report
 from lmlab.models.builder import build_backbone
 from lmlab.models.config import ModelConfig
 
@@ -77,7 +77,7 @@ def describe(config: ModelConfig, backbone: nn.Module | None = None, seq_len: in
     params = parameter_report(backbone, config)
     params["embedding"] = sum(m.weight.numel() for m in backbone.modules()
                               if isinstance(m, _EMBEDDING_TYPES))
-    matmul = _matmul_weights(backbone, config)
+    matmul = matmul_weights(backbone, config)
     params["matmul_per_token"] = round(sum(w for w, _ in matmul.values()))
     return {
         "family": config.family,
@@ -85,222 +85,11 @@ def describe(config: ModelConfig, backbone: nn.Module | None = None, seq_len: in
         "vocab_size": config.vocab_size,
         "padded_vocab_size": config.padded_vocab_size,
         "parameters": params,
-        "flops_per_token": _flops(config, matmul, T),
+        "flops_per_token": flops_per_token(config, matmul, T),
         "kv_cache": _kv_cache(config, T),
         "ssm_state": _ssm_state(config),
         "layers": layer_plan(config),
     }
-
-
-# ---- FLOPs ------------------------------------------------------------------------------------
-
-# Prefix tuning's reparameterisation MLP (lmlab's and peft's) and peft's prompt encoder.
-_VIRTUAL_TOKEN_ENCODERS = {"prefix_encoder", "prompt_encoder"}
-
-
-def _matmul_weights(backbone: nn.Module, config: ModelConfig | None) -> dict[str, tuple[float, bool]]:
-    """Module name -> (weights one token multiplies with, whether they train); `_side`
-    sorts the names into source/target for encoder-decoders. MoE experts count by the share
-    of experts a token visits; transformers' Conv1D (GPT-2) is a Linear stored transposed."""
-    share = 1.0 if config is None else experts_per_token(config) / config.n_experts
-    found: dict[str, tuple[float, bool]] = {}
-    for name, module in backbone.named_modules():
-        if not (isinstance(module, (nn.Linear, nn.Conv1d)) or type(module).__name__ == "Conv1D"):
-            continue
-        if _VIRTUAL_TOKEN_ENCODERS & set(name.split(".")):
-            continue  # runs on the P virtual tokens once per batch, not on every token
-        # DeepSpeed ZeRO-3 empties partitioned weights and keeps their size in `ds_numel`.
-        numel = getattr(module.weight, "ds_numel", None) or module.weight.numel()
-        count = float(numel) * (share if ".experts." in name else 1.0)
-        found[name] = (count, bool(module.weight.requires_grad))
-    return found
-
-
-# What peft puts under an adapted Linear (`k_proj.base_layer`, `k_proj.lora_A.default`, ...).
-_ADAPTER_PARTS = re.compile(r"\.(base_layer|lora_\w+|lora_magnitude_vector|ia3_\w+)(\.\w+)?$")
-
-
-def _side(name: str) -> str:
-    """encoder_decoder: which tokens a module runs on."""
-    name = _ADAPTER_PARTS.sub("", name)
-    if name.startswith("encoder.") or (".cross_attn." in name and name.endswith(("k_proj", "v_proj"))):
-        return "source"
-    return "target"
-
-
-def _attention_keys(config: ModelConfig, T: int, causal: bool) -> int:
-    if config.sliding_window is None:
-        return T
-    reach = config.sliding_window if causal else 2 * config.sliding_window - 1
-    return min(T, reach + config.global_tokens)
-
-
-def _stack_flops(config: ModelConfig, matmul: list[tuple[float, bool]], n_attention: int,
-                 keys: int, n_mamba: int, cross_keys: int = 0, n_cross: int = 0) -> dict[str, float]:
-    mm_forward = 2 * sum(w for w, _ in matmul)
-    mm_backward = sum(2 * w * (2 if trains else 1) for w, trains in matmul)
-    per_layer = 4 * config.n_heads * config.head_dim
-    attention = per_layer * (n_attention * keys + n_cross * cross_keys)
-    scan = n_mamba * (9 * config.d_state + 2) * config.d_inner
-    forward = mm_forward + attention + scan
-    return {"forward": forward, "forward_backward": forward + mm_backward + 2 * (attention + scan),
-            "matmul": mm_forward, "attention": attention, "ssm_scan": scan}
-
-
-def _flops(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: int) -> dict[str, Any]:
-    if config.family != "encoder_decoder":
-        return {k: round(v) for k, v in _side_flops(config, matmul, T)["target"].items()}
-    sides = _side_flops(config, matmul, T, T)
-    source, target = sides["source"], sides["target"]
-    out = {k: round((source[k] + target[k]) / 2) for k in source}
-    out["per_source_token"] = {k: round(v) for k, v in source.items()}
-    out["per_target_token"] = {k: round(v) for k, v in target.items()}
-    return out
-
-
-def _side_flops(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: int,
-                S: int | None = None, prefix_keys: int = 0,
-                prefix_cross_keys: int = 0) -> dict[str, dict[str, float]]:
-    """Per-token FLOPs of each side: "target" (a decoder's or encoder's tokens, T of them per
-    sequence) and, for encoder_decoder, "source" (S source tokens; the decoder's
-    cross-attention scores S keys). `prefix_keys` / `prefix_cross_keys`: keys every
-    self-attention / cross-attention layer scores in addition (prefix tuning's virtual keys)."""
-    mixers = config.layer_mixers
-    if config.family != "encoder_decoder":
-        causal = config.family == "decoder"
-        keys = _attention_keys(config, T, causal) + prefix_keys
-        return {"target": _stack_flops(config, list(matmul.values()), mixers.count("attention"),
-                                       keys, mixers.count("mamba"))}
-    S = T if S is None else S
-    n_dec = config.n_decoder_layers or config.n_layers
-    source = _stack_flops(config, [v for k, v in matmul.items() if _side(k) == "source"],
-                          config.n_layers, _attention_keys(config, S, False) + prefix_keys, 0)
-    target = _stack_flops(config, [v for k, v in matmul.items() if _side(k) == "target"],
-                          n_dec, _attention_keys(config, T, True) + prefix_keys, 0,
-                          cross_keys=S + prefix_cross_keys, n_cross=n_dec)
-    return {"source": source, "target": target}
-
-
-# Output layers: a task may run them on a share of the positions only (mlm: the masked ones;
-# classify: none, its own head is negligible).
-_HEAD_MODULES = {"lm_head", "mlm_transform"}
-
-
-class TrainingFlops:
-    """Forward+backward FLOPs of one training batch, by `describe`'s arithmetic, for any
-    batch shape: `batch(B, T)` for decoders/encoders, `batch(B, T, S)` for encoder-decoders
-    (T target, S source positions). Padded positions count (the hardware computes them).
-
-    `head_fraction` scales the output layer (the share of positions a task runs it on). The
-    weights' trainability is read once, at construction (after PEFT). `forward_only`: the
-    forward pass alone (a distillation teacher's).
-    """
-
-    def __init__(self, config: ModelConfig, backbone: nn.Module, head_fraction: float = 1.0,
-                 forward_only: bool = False):
-        self.config = config
-        self._kind = "forward" if forward_only else "forward_backward"
-        self.backbone = backbone
-        self._hf = bool(getattr(config, "hf_path", None))
-        matmul = _matmul_weights(backbone, None if self._hf else config)
-        self.matmul = {k: ((w * head_fraction, t) if _HEAD_MODULES & set(k.split(".")) else (w, t))
-                       for k, (w, t) in matmul.items()}
-        # Prompt tuning's soft prompt adds positions in front of each (source) sequence, prefix
-        # tuning keys to every self-attention layer: computed, so counted.
-        self.prompt_positions, self.prefix_keys = virtual_tokens(backbone)
-        self.prefix_cross_keys = self.prefix_keys if _prefixed_cross_attention(backbone) else 0
-        # Prefix tuning's reparameterisation MLP on the P virtual tokens: lmlab's once a batch,
-        # its first layer again for every attention layer it serves (`PrefixEncoder.layer_kv`);
-        # peft's for every sequence (`per_sequence`).
-        passes = 1 if forward_only else 3
-        self._per_batch, self._per_sequence = 0.0, 0.0
-        for name, m in backbone.named_modules():
-            parts = name.split(".")
-            if not (isinstance(m, nn.Linear) and _VIRTUAL_TOKEN_ENCODERS & set(parts)):
-                continue
-            flops = 2 * passes * m.weight.numel() * self.prefix_keys
-            if self._hf:
-                self._per_sequence += flops
-            else:
-                owner = backbone.get_submodule(".".join(parts[:parts.index("prefix_encoder") + 1]))
-                first = name.endswith("mlp.0")
-                self._per_batch += flops * (owner.n_slots if first else 1)
-        if self._hf:
-            # model=hf: the matrix products are the wrapped model's own modules (adapters,
-            # frozen weights and the head's share included, as for lmlab models); attention
-            # comes from `describe` once, as FLOPs per key, since a `describe` of a large model
-            # takes ~0.2 s and padded batches bring new lengths all run long.
-            reference = describe(config, backbone)
-            self._hf_window = (reference.get("kv_cache") or {}).get("window")
-            self._hf_attention_per_key = (reference["flops_per_token"]["attention"]
-                                          / self._hf_keys(reference["seq_len"]))
-        self._cache: dict[tuple[int, int | None], float] = {}
-
-    def _hf_keys(self, T: int) -> int:
-        return min(T, self._hf_window) if self._hf_window else T
-
-    def batch(self, B: int, T: int, S: int | None = None) -> float:
-        key = (T, S)
-        if key not in self._cache:
-            if self._hf:
-                T_run = T + self.prompt_positions
-                attention = self._hf_attention_per_key * (self._hf_keys(T_run) + self.prefix_keys)
-                mm = self.matmul.values()
-                per_token = sum(2 * w for w, _ in mm) + attention
-                if self._kind == "forward_backward":
-                    per_token += sum(2 * w * (2 if t else 1) for w, t in mm) + 2 * attention
-                # peft's prompt tuning keeps the virtual positions' logits: all T_run positions.
-                self._cache[key] = per_token * T_run + self._per_sequence
-            elif self.config.family == "encoder_decoder":
-                S = T if S is None else S
-                S_run = S + self.prompt_positions  # the soft prompt goes in front of the source
-                sides = _side_flops(self.config, self.matmul, T, S_run, self.prefix_keys,
-                                    self.prefix_cross_keys)
-                self._cache[key] = (sides["target"][self._kind] * T
-                                    + sides["source"][self._kind] * S_run)
-            else:
-                T_run = T + self.prompt_positions
-                sides = _side_flops(self.config, self.matmul, T_run, prefix_keys=self.prefix_keys)
-                # The prompt's states leave before the output layer: it runs on the T tokens.
-                self._cache[key] = (sides["target"][self._kind] * T_run
-                                    - self._head_flops() * self.prompt_positions)
-        return B * self._cache[key] + self._per_batch
-
-    def _head_flops(self) -> float:
-        """FLOPs per position of the output layer (head_fraction applied)."""
-        head = [v for k, v in self.matmul.items() if _HEAD_MODULES & set(k.split("."))]
-        backward = self._kind == "forward_backward"
-        return sum(2 * w + (2 * w * (2 if t else 1) if backward else 0) for w, t in head)
-
-
-def _prefixed_cross_attention(backbone: nn.Module) -> bool:
-    """Whether prefix tuning also gave the cross-attention layers keys (`cross_attention`)."""
-    from lmlab.models.layers.cross_attention import CrossAttention
-
-    return any(isinstance(m, CrossAttention) and getattr(m, "prefix_kv", None) is not None
-               for m in backbone.modules())
-
-
-def virtual_tokens(backbone: nn.Module) -> tuple[int, int]:
-    """(soft-prompt positions, prefix keys) a prompt- or prefix-tuned backbone adds to every
-    sequence; (0, 0) for any other."""
-    prompt = getattr(backbone, "soft_prompt", None)
-    if prompt is not None:
-        return int(prompt.n_virtual_tokens), 0
-    prefix = getattr(backbone, "prefix_encoder", None)
-    if prefix is not None:
-        return 0, int(prefix.n_virtual_tokens)
-    for module in backbone.modules():  # model=hf: peft's PeftModel inside the HFBackbone
-        configs = getattr(module, "peft_config", None)
-        if isinstance(configs, dict) and getattr(module, "active_adapter", None) in configs:
-            config = configs[module.active_adapter]
-            n = int(getattr(config, "num_virtual_tokens", 0) or 0)
-            kind = str(getattr(config, "peft_type", ""))
-            if kind.endswith("PROMPT_TUNING"):
-                return n, 0
-            if kind.endswith("PREFIX_TUNING"):
-                return 0, n
-    return 0, 0
 
 
 def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,
@@ -331,7 +120,7 @@ def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,
             backbone = HFBackbone(config, path=hf_path)
     total = sum(p.numel() for p in backbone.parameters())
     trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
-    matmul = _matmul_weights(backbone, None)
+    matmul = matmul_weights(backbone, None)
     T = seq_len or hf.get("max_position_embeddings") or hf.get("n_positions") or config.max_seq_len
     n_layers = hf.get("num_hidden_layers") or hf.get("n_layer") or 0
     heads = hf.get("num_attention_heads") or hf.get("n_head") or 1
@@ -374,7 +163,7 @@ def _kv_cache(config: ModelConfig, T: int) -> dict[str, Any] | None:
     per_layer = 2 * config.kv_heads * config.head_dim  # elements per token
     if config.family == "encoder_decoder":
         n = config.n_decoder_layers or config.n_layers
-        cached = _attention_keys(config, T, True)
+        cached = attention_keys(config, T, True)
         return {
             "attention_layers": n,
             "bytes_per_token": {k: per_layer * n * b for k, b in BYTES.items()},
@@ -384,7 +173,7 @@ def _kv_cache(config: ModelConfig, T: int) -> dict[str, Any] | None:
     n = config.layer_mixers.count("attention")
     if n == 0:
         return None
-    cached = _attention_keys(config, T, True)
+    cached = attention_keys(config, T, True)
     return {
         "attention_layers": n,
         "window": config.sliding_window,

@@ -17,8 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from lmlab.callbacks import ThroughputMonitor
 from lmlab.callbacks.peak_flops import device_peak, precision_kind
 from lmlab.callbacks.throughput import batch_shapes
-from lmlab.describe import TrainingFlops
 from lmlab.errors import ConfigError
+from lmlab.flops import TrainingFlops
 from lmlab.models import ModelConfig, build_backbone
 from lmlab.train import run
 

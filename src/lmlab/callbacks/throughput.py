@@ -34,8 +34,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lmlab.callbacks.peak_flops import compute_kind, device_name, device_peak
-from lmlab.describe import TrainingFlops
 from lmlab.errors import ConfigError
+from lmlab.flops import TrainingFlops
 
 METRICS = ("tokens_per_sec", "samples_per_sec", "tflops_per_sec", "mfu")
 
@@ -181,8 +181,7 @@ class ThroughputMonitor(L.Callback):
                 "FLOPs unknown, only the time is measured")]))
         B, T, S = shapes if shapes else (0, 0, None)
         tokens = B * (T + (S or 0)) * self._world
-        # For a model=hf backbone a new length costs a `describe` (~0.2 s for a 1B model):
-        # computed before the clock is read, so no batch is charged for it.
+        # Before the clock is read: a new shape's count is computed (once) outside any window.
         flops = self._flops.batch(B, T, S) * self._world if (self._flops and shapes) else 0.0
         if self._teacher_flops is not None and flops:
             flops += self._teacher_flops.batch(B, T, S) * self._world
@@ -238,9 +237,7 @@ class ThroughputMonitor(L.Callback):
 
     # ---- reporting --------------------------------------------------------------------------
     def _rates(self, window: _Window) -> dict[str, float | None]:
-        if window.seconds <= 0:
-            return dict.fromkeys(METRICS)
-        if self._unknown_batch:  # a zero rate would read as a measurement
+        if window.seconds <= 0 or self._unknown_batch:  # unknown: a zero would read as measured
             return dict.fromkeys(METRICS)
         tflops = window.flops / window.seconds / 1e12 if self._flops else None
         mfu = tflops / (self._peak * self._world) if (tflops is not None and self._peak) else None

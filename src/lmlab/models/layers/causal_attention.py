@@ -23,9 +23,10 @@ import math
 import torch
 from torch import Tensor
 
-ROWS_PER_BLOCK = 64  # as the learned-bias path: 64 measured fastest at T = 256
+# The learned-bias path's block size (64 measured fastest at T = 256) and precisions.
+from lmlab.models.layers.biased_attention import FULL_PRECISION, ROWS_PER_BLOCK
+
 MIN_T, MAX_T = 128, 512
-FULL_PRECISION = (torch.float32, torch.float64)
 
 
 def applies(q: Tensor, k: Tensor, is_causal: bool, attn_mask: Tensor | None,
