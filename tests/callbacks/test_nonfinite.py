@@ -184,3 +184,51 @@ def test_fp16_run_with_routine_overflows_trains_to_the_end():
     assert trainer.global_step == 30
     assert scaler.get_scale() < 65536.0 * 2 ** 30  # it did overflow and back off on the way
     assert torch.isfinite(model.weight).all()
+
+
+class _DeepSpeedEngine:
+    """What the guard reads of a DeepSpeed engine (an fp16 one cannot run on a CPU)."""
+
+    def __init__(self, fp16: bool, scale: float):
+        self.skipped_steps, self.fp16, self.scale = 0, fp16, scale
+
+    def fp16_enabled(self):
+        return self.fp16
+
+    def dynamic_loss_scale(self):
+        return True
+
+    def _get_optimizer_loss_scale(self):
+        return self.scale
+
+
+def _deepspeed_trainer(engine):
+    from lmlab.strategies.deepspeed_cpu import LmlabDeepSpeedStrategy
+
+    strategy = LmlabDeepSpeedStrategy(config={"zero_optimization": {"stage": 2}})
+    strategy.model = engine
+    trainer = _Trainer()
+    trainer.strategy = strategy
+    return trainer
+
+
+@pytest.mark.parametrize("fp16,scale,bad", [(True, 65536.0, False), (True, 1.0, True),
+                                            (False, 1.0, True)],
+                         ids=["fp16-routine-overflow", "fp16-at-min-scale", "bf16-or-fp32"])
+def test_deepspeed_skips_are_read_from_the_engine(fp16, scale, bad):
+    engine = _DeepSpeedEngine(fp16, scale)
+    trainer = _deepspeed_trainer(engine)
+    guard = NonFiniteGuard()
+    # Gradients held by ZeRO: none in p.grad; the guard must not conclude "nothing to check".
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    for step in range(3):
+        trainer.global_step = step
+        guard.on_before_optimizer_step(trainer, None, optimizer)
+        engine.skipped_steps += step == 1  # DeepSpeed's step() skipped step 1
+        trainer.global_step = step + 1
+        if bad and step == 1:
+            with pytest.raises(NonFiniteError, match="step 1"):
+                guard.on_train_batch_end(trainer, None, None, None, step)
+            return
+        guard.on_train_batch_end(trainer, None, None, None, step)
+    assert not bad

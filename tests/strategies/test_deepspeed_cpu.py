@@ -31,3 +31,38 @@ def test_subclass_changes_only_the_cpu_path():
                   "_setup_model_and_optimizer", "_initialize_deepspeed_inference"}
     own = {name for name, value in vars(LmlabDeepSpeedStrategy).items() if callable(value) and not name.startswith("__")}
     assert own - {"_device_args"} == overridden
+
+
+# (trainer option, precision, guard policy): ZeRO keeps gradients out of `p.grad`, so the guard
+# reads DeepSpeed's own verdict; before, such runs skipped poisoned steps silently forever.
+GUARDED = [("deepspeed_zero1", "32-true", "stop"), ("deepspeed_zero2", "bf16-mixed", "skip"),
+           ("deepspeed_zero3", "32-true", "stop")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option,precision,policy", GUARDED, ids=[g[0] for g in GUARDED])
+def test_nonfinite_guard_acts_on_the_steps_deepspeed_skips(option, precision, policy, tmp_path):
+    import subprocess
+    import sys
+
+    from lmlab.record import read_record
+    from tests.conftest import ROOT
+    from tests.strategies.test_multiprocess import TINY, env
+
+    run_dir = tmp_path / "run"
+    args = [f"trainer={option}", "trainer.devices=1", f"trainer.precision={precision}", *TINY,
+            "trainer.max_steps=5", f"callbacks.nonfinite.policy={policy}",
+            "+callbacks.poison._target_=tests.strategies.poison_grads.PoisonGradsAt",
+            "+callbacks.poison.step=2", f"hydra.run.dir={run_dir}",
+            f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert "OVERFLOW! Skipping step" in proc.stdout + proc.stderr  # DeepSpeed's own skip
+    record = read_record(run_dir)
+    if policy == "stop":
+        assert proc.returncode != 0 and "non-finite loss or gradients at step 2" in proc.stderr
+        assert record["status"] == "failed"
+    else:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert record["status"] == "completed" and record["step"] == 5
+        assert record["metrics"]["train/skipped_steps"] == 1.0

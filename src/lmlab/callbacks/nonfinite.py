@@ -6,6 +6,7 @@ import logging
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lmlab.callbacks.checkpointing import NonFiniteError, last_good_checkpoint
 from lmlab.errors import ConfigError
@@ -42,6 +43,16 @@ class NonFiniteGuard(L.Callback):
     divergence: the guard acts only once the scale has fallen below `SCALER_FLOOR` (from 65536:
     17 more overflows than growths), where the scaled gradients are smaller than the real ones
     and still overflow, i.e. the gradients are non-finite by themselves.
+
+    Under DeepSpeed the gradients are not in `p.grad` (ZeRO reduces them into its own partitioned
+    buffers) and the engine checks them itself: its `step()` skips a step whose gradients are
+    non-finite and counts it in `engine.skipped_steps`, in every precision. The guard reads that
+    count around each step (a host integer DeepSpeed has already synchronised, so every step is
+    checked whatever `check_every_n_steps` says): policy="stop" stops the run, policy="skip"
+    counts the step DeepSpeed skipped. A run whose gradients stay non-finite would otherwise go
+    on skipping every step to the end. With fp16 and a dynamic loss scale an overflow is
+    routine, as above, unless the scale it was taken at is <= `SCALER_FLOOR` (DeepSpeed's
+    default minimum scale is 1, where DeepSpeed raises its own error).
     """
 
     ACCELERATOR_CHECK_EVERY = 25
@@ -65,6 +76,8 @@ class NonFiniteGuard(L.Callback):
         self.check_every_n_steps = check_every_n_steps or 1
         self.skipped = 0
         self._first_bad: torch.Tensor | None = None  # step of the first bad gradients, -1 = none
+        # DeepSpeed: (step, engine.skipped_steps before it, the fp16 loss scale it ran at or None)
+        self._deepspeed_step: tuple[int, int, float | None] | None = None
 
     @staticmethod
     def _nonfinite(grads: list[torch.Tensor], per_tensor: bool | None = None) -> torch.Tensor:
@@ -92,6 +105,10 @@ class NonFiniteGuard(L.Callback):
                                         else self.ACCELERATOR_CHECK_EVERY)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        engine = _deepspeed_engine(trainer)
+        if engine is not None:
+            self._deepspeed_step = (trainer.global_step, engine.skipped_steps, _deepspeed_scale(engine))
+            return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
@@ -122,6 +139,23 @@ class NonFiniteGuard(L.Callback):
             pl_module.log("train/skipped_steps", float(self.skipped))
             return
         self._stop(step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._deepspeed_step is None:
+            return
+        step, skipped_before, scale = self._deepspeed_step
+        self._deepspeed_step = None
+        engine = _deepspeed_engine(trainer)
+        if engine is None or engine.skipped_steps == skipped_before:
+            return
+        if scale is not None and scale > self.SCALER_FLOOR:
+            return  # a routine fp16 overflow: DeepSpeed lowered its scale and goes on
+        if self.policy == "stop":
+            self._stop(step)
+        self.skipped += 1
+        log.warning("non-finite gradients at step %d: DeepSpeed skipped the step (%d so far)",
+                    step, self.skipped)
+        pl_module.log("train/skipped_steps", float(self.skipped))
 
     def _check(self) -> None:
         if self._first_bad is not None:
@@ -154,3 +188,18 @@ def _scaler_scale(trainer) -> torch.Tensor | None:
     if not isinstance(scale, torch.Tensor):
         return torch.tensor(float(scaler.get_scale()))
     return scale
+
+
+def _deepspeed_engine(trainer):
+    """The run's DeepSpeed engine, or None when the strategy is not DeepSpeed."""
+    strategy = getattr(trainer, "strategy", None)
+    return strategy.deepspeed_engine if isinstance(strategy, DeepSpeedStrategy) else None
+
+
+def _deepspeed_scale(engine) -> float | None:
+    """The loss scale of a DeepSpeed fp16 run with a dynamic scale; None otherwise (bf16 and
+    fp32 have none, and under a static scale an overflow is never routine)."""
+    if not engine.fp16_enabled() or not engine.dynamic_loss_scale():
+        return None
+    scale = engine._get_optimizer_loss_scale()
+    return None if scale is None else float(scale)
