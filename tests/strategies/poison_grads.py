@@ -1,6 +1,6 @@
-"""A test-only callback: the gradient of the backbone's first trainable parameter becomes NaN at
-one step, through a hook on the parameter, so it works where the strategy keeps gradients out of
-`p.grad` (DeepSpeed ZeRO)."""
+"""Test-only callbacks that make one element of the backbone's first gradient NaN at one step, as
+a real overflow starts: through a hook on the parameter where the strategy keeps gradients out of
+`p.grad` (DeepSpeed ZeRO), or in one rank's shard of an FSDP2 gradient."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import lightning as L
 
 
 class PoisonGradsAt(L.Callback):
+    """Through a hook on the parameter: before any reduction, on every rank."""
+
     def __init__(self, step: int):
         self.step = step
 
@@ -19,6 +21,24 @@ class PoisonGradsAt(L.Callback):
 
         def poison(grad):
             handles.pop().remove()  # once
-            return grad * float("nan")
+            grad = grad.clone()
+            grad.view(-1)[0] = float("nan")
+            return grad
 
         handles.append(param.register_hook(poison))
+
+
+class PoisonShardAt(L.Callback):
+    """After backward at `step`, one element of rank 0's shard of the first gradient becomes NaN:
+    what a sharded gradient looks like when the overflow falls in one rank's part (FSDP2 assigns
+    the reduced shards to `p.grad` itself, so a hook on the parameter never sees them)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step != self.step or trainer.global_rank != 0:
+            return
+        grad = next(p.grad for p in pl_module.backbone.parameters() if p.grad is not None)
+        local = getattr(grad, "_local_tensor", grad)  # this rank's shard of a DTensor, in place
+        local.view(-1)[0] = float("nan")

@@ -109,3 +109,19 @@ def test_two_process_training_saves_resumes_and_consolidates(option, kind, tmp_p
     source = load_init_source(last)
     assert source.model_config["d_model"] == 32
     assert set(source.state_dict) == {k[len("backbone."):] for k in final}
+
+
+@pytest.mark.slow
+def test_nonfinite_gradient_in_one_ranks_shard_stops_every_rank(tmp_path):
+    # FSDP2 reduce-scatters the gradients: a NaN lands in one rank's shard only. Ranks deciding
+    # alone would leave the others waiting in the next collective; the guard's reduction over
+    # the DTensor gradients is global, so every rank stops at the same step.
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "trainer=fsdp", "trainer.devices=2", *TINY,
+         "trainer.max_steps=5", "+callbacks.poison._target_=tests.strategies.poison_grads.PoisonShardAt",
+         "+callbacks.poison.step=2", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("non-finite loss or gradients at step 2") >= 2, proc.stderr[-4000:]
+    assert "[rank1]" in proc.stderr and read_record(run_dir)["status"] == "failed"
