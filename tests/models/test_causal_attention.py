@@ -14,7 +14,7 @@ from lmlab.models.layers.causal_attention import applies, causal_block_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 6), (6, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("T", [128, 200, 256])
+@pytest.mark.parametrize("T", [128, 200, 256, 1000])
 def test_values_and_gradients_match_sdpa(heads, kv_heads, T):
     torch.manual_seed(0)
     B, D = 2, 16
@@ -41,7 +41,8 @@ def test_used_only_for_full_precision_causal_cpu_training_at_its_lengths():
     assert not applies(q, k, True, torch.ones(256, 256, dtype=torch.bool), 0.0)  # a mask
     assert not applies(q, k, True, None, 0.1)                       # dropout
     assert not applies(q[..., :64, :], k[..., :64, :], True, None, 0.0)  # one block: no skip
-    long = torch.zeros(1, 4, 1024, 8, requires_grad=True)
+    assert applies(*[torch.zeros(1, 4, 1024, 8, requires_grad=True)] * 2, True, None, 0.0)
+    long = torch.zeros(1, 4, 2048, 8, requires_grad=True)
     assert not applies(long, long, True, None, 0.0)                 # probabilities too large
     assert not applies(q.detach().bfloat16(), k.detach().bfloat16(), True, None, 0.0)
     with torch.no_grad():
