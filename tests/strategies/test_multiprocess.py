@@ -125,3 +125,32 @@ def test_nonfinite_gradient_in_one_ranks_shard_stops_every_rank(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("non-finite loss or gradients at step 2") >= 2, proc.stderr[-4000:]
     assert "[rank1]" in proc.stderr and read_record(run_dir)["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_tokens_and_throughput_are_the_whole_jobs_with_per_batch_padding(tmp_path):
+    # Classification pads each batch to its longest text, so the two ranks' batches differ in
+    # length: the record's tokens_seen and throughput must be the sum of both ranks' batches,
+    # not rank zero's (× 2).
+    import json
+
+    run_dir, dumps = tmp_path / "run", tmp_path / "dumps"
+    tiny = [arg for arg in TINY if not arg.startswith("data.")]
+    train(["trainer=ddp", "trainer.devices=2", *tiny, "task=classify", "data=classification",
+           "data.batch_size=8", "data.eval_batch_size=16", "data.max_length=64",
+           "trainer.max_steps=6", f"hydra.run.dir={run_dir}",
+           f"paths.cache_dir={tmp_path / 'cache'}",
+           "+callbacks.rank_batches._target_=tests.strategies.rank_batches.DumpRankBatches",
+           f"+callbacks.rank_batches.dirpath={dumps}"])
+    ranks = [json.loads((dumps / f"batches_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(len(batches) == 6 for batches in ranks)
+    assert [b["T"] for b in ranks[0]] != [b["T"] for b in ranks[1]]  # the case at stake
+    record = read_record(run_dir)
+    assert record["tokens_seen"] == sum(b["real"] for batches in ranks for b in batches)
+    throughput = record["throughput"]
+    measured = sum(b["B"] * b["T"] for batches in ranks for b in batches[1:])  # warm-up: 1
+    assert throughput["devices"] == 2 and throughput["steps_measured"] == 5
+    assert throughput["tokens_per_sec"] * throughput["seconds_measured"] == pytest.approx(measured)
+    samples = sum(b["B"] for batches in ranks for b in batches[1:])
+    assert throughput["samples_per_sec"] * throughput["seconds_measured"] == pytest.approx(samples)
+    assert "rank zero" not in (throughput["note"] or "")

@@ -7,7 +7,9 @@ and summarised over the whole run (`summary()`, written to `metrics.json` under
 
 - Tokens are input positions counted from tensor shapes (padding included: the hardware
   computes them), both sides for seq2seq; no tensor value is read, so there is no
-  host-device sync per step. On CUDA the clock is synchronised once per logging window,
+  host-device sync per step. Each rank counts its own batches (with per-batch padding their
+  lengths differ); the counts are summed over ranks in one all-reduce at each logging step and
+  at the end of training (a run stopped before that reports rank zero's × ranks, with a note). On CUDA the clock is synchronised once per logging window,
   at validation and at the end, so the asynchronous queue does not blur the windows.
 - FLOPs are `describe`'s analytic forward+backward count for each batch's shape
   (`TrainingFlops`: attention included, MoE at its active experts, encoder and decoder
@@ -57,6 +59,15 @@ class _Window:
         self.samples += samples
         self.flops += flops
         self.batches += batches
+
+    def counted(self, tokens: float, samples: float, flops: float) -> _Window:
+        """This window's time and batches with other counts (the job's, summed over ranks)."""
+        out = _Window()
+        out.add(self.seconds, tokens, samples, flops, self.batches)
+        return out
+
+    def scaled(self, factor: int) -> _Window:
+        return self.counted(self.tokens * factor, self.samples * factor, self.flops * factor)
 
 
 def batch_shapes(batch: Any) -> tuple[int, int, int | None] | None:
@@ -112,6 +123,8 @@ class ThroughputMonitor(L.Callback):
         self._logged_step = -1
         self._pending: Any = None  # the batch between its start and its end
         self._accounted_by_save = False
+        # (total, warm-up) over all ranks, summed at the end of training.
+        self._job: tuple[_Window, _Window] | None = None
 
     # ---- setup --------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -180,27 +193,39 @@ class ThroughputMonitor(L.Callback):
                 "training batches without input_ids or src_ids/tgt_in: tokens, samples and "
                 "FLOPs unknown, only the time is measured")]))
         B, T, S = shapes if shapes else (0, 0, None)
-        tokens = B * (T + (S or 0)) * self._world
+        # This rank's batch; the ranks' counts are summed when a window is logged.
+        tokens = B * (T + (S or 0))
         # Before the clock is read: a new shape's count is computed (once) outside any window.
-        flops = self._flops.batch(B, T, S) * self._world if (self._flops and shapes) else 0.0
+        flops = self._flops.batch(B, T, S) if (self._flops and shapes) else 0.0
         if self._teacher_flops is not None and flops:
-            flops += self._teacher_flops.batch(B, T, S) * self._world
+            flops += self._teacher_flops.batch(B, T, S)
         now = time.perf_counter()
         self._seen += 1
         if self._seen <= self.warmup_steps or self._last is None:
             start = next((t for t in (self._last, self._first_start) if t is not None), now)
-            self._warmup.add(now - start, tokens, B * self._world, flops, 1)
+            self._warmup.add(now - start, tokens, B, flops, 1)
             self._last = now
             return
         for window in (self._window, self._total):
-            window.add(now - self._last, tokens, B * self._world, flops, 1)
+            window.add(now - self._last, tokens, B, flops, 1)
         self._last = now
         step = trainer.global_step
         if step % self.log_every_n_steps == 0 and step != self._logged_step:
             self._logged_step = step
             self._catch_up()
-            self._log(trainer, self._window)
+            self._log(trainer, self._job_windows(trainer, [self._window])[0])
             self._window = _Window()
+
+    def _job_windows(self, trainer, windows: list[_Window]) -> list[_Window]:
+        """`windows` with the job's counts: each rank's summed in one all-reduce (every rank
+        calls this at the same step); this rank's clock. One host read, at a logging step, where
+        a GPU is synchronised anyway."""
+        if self._world == 1 or not torch.distributed.is_initialized():
+            return windows
+        counts = torch.tensor([[w.tokens, w.samples, w.flops] for w in windows],
+                              dtype=torch.float64, device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(counts)
+        return [w.counted(*row) for w, row in zip(windows, counts.tolist())]
 
     def _catch_up(self) -> None:
         """On CUDA, wait for the queued work so the windows end where the compute ends."""
@@ -234,6 +259,8 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._catch_up()
+        total, warmup = self._job_windows(trainer, [self._total, self._warmup])
+        self._job = (total, warmup)
 
     # ---- reporting --------------------------------------------------------------------------
     def _rates(self, window: _Window) -> dict[str, float | None]:
@@ -254,11 +281,19 @@ class ThroughputMonitor(L.Callback):
     def summary(self) -> dict[str, Any] | None:
         """Means over the run's measured batches (the warm-up ones when nothing else ran);
         None before any training batch."""
-        window, note = self._total, self._info.get("note")
+        note = self._info.get("note")
+        if self._job is not None:
+            total, warmup = self._job
+        else:  # training stopped before the ranks' counts were summed: rank zero's × ranks
+            total, warmup = self._total.scaled(self._world), self._warmup.scaled(self._world)
+            if self._world > 1:
+                note = "; ".join(filter(None, [note, (
+                    "training ended early: counts are rank zero's batches × the number of ranks")]))
+        window = total
         if window.batches == 0:
-            if self._warmup.batches == 0:
+            if warmup.batches == 0:
                 return None
-            window = self._warmup
+            window = warmup
             note = "; ".join(filter(None, [note, "only warm-up batches ran: includes warm-up"]))
         out: dict[str, Any] = dict(self._rates(window))
         out.update(self._info, note=note, steps_measured=window.batches,

@@ -158,7 +158,8 @@ class LMTask(L.LightningModule):
         self.weight_decay = weight_decay
         self.expert_load_every = expert_load_every
         self.checkpoint_metadata = dict(checkpoint_metadata or {})
-        # Counted on device and checkpointed, so resumed runs report the true total.
+        # Counted on device over all ranks and checkpointed, so resumed runs report the job's
+        # true total.
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         # model.compile: training steps call a compiled backbone; evaluation and generation
         # (other shapes, a KV cache) stay eager. Kept out of the module tree (`__dict__`), so
@@ -244,7 +245,16 @@ class LMTask(L.LightningModule):
             logger.log_metrics(values, step=self.global_step)
 
     def count_tokens(self, mask: Tensor) -> None:
-        self.tokens_seen += mask.sum()
+        """Add the batch's real (unpadded) tokens, summed over the job's ranks, so every rank
+        holds the job's total and the record and checkpoints report it (with per-batch padding
+        the ranks' counts differ). One scalar all-reduce a step: queued on the stream on a GPU
+        (no host sync), small beside the gradients' on a CPU."""
+        count = mask.sum()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Not strategy.reduce: Lightning's puts a barrier first, a host wait on a GPU.
+            torch.distributed.all_reduce(count)
+        self.tokens_seen += count
 
     # -- checkpoint and optimisation -------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
