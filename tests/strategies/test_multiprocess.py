@@ -154,3 +154,17 @@ def test_tokens_and_throughput_are_the_whole_jobs_with_per_batch_padding(tmp_pat
     samples = sum(b["B"] for batches in ranks for b in batches[1:])
     assert throughput["samples_per_sec"] * throughput["seconds_measured"] == pytest.approx(samples)
     assert "rank zero" not in (throughput["note"] or "")
+
+
+@pytest.mark.slow
+def test_time_based_checkpoints_agree_across_ranks(tmp_path):
+    # every_n_seconds reads each rank's own clock, and rank 1 starts later than rank 0: the
+    # ranks disagreed about when a save was due, and the save is collective, so the job hung
+    # (rank zero in the save, rank one in the next step). Rank zero's clock decides now.
+    run_dir = tmp_path / "run"
+    train(["trainer=ddp", "trainer.devices=2", *TINY, "trainer.max_steps=40",
+           "trainer.val_check_interval=1000", "callbacks.last_checkpoint.every_n_steps=null",
+           "callbacks.last_checkpoint.every_n_seconds=0.3", f"hydra.run.dir={run_dir}",
+           f"paths.cache_dir={tmp_path / 'cache'}"], timeout=240)
+    record = read_record(run_dir)
+    assert record["status"] == "completed" and record["step"] == 40

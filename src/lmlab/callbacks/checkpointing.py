@@ -112,11 +112,22 @@ class ResumeCheckpoint(L.Callback):
         step = trainer.global_step
         if step == self._saved_step or step == 0:
             return False
+        by_time = self._time_due(trainer)  # first: a collective every rank must reach
         if getattr(trainer, "received_sigterm", False):
             return True
-        if self.every_n_steps and step % self.every_n_steps == 0:
-            return True
-        return self.every_n_seconds is not None and time.monotonic() - self._last_time >= self.every_n_seconds
+        return bool(self.every_n_steps and step % self.every_n_steps == 0) or by_time
+
+    def _time_due(self, trainer: L.Trainer) -> bool:
+        if self.every_n_seconds is None:
+            return False
+        due = time.monotonic() - self._last_time >= self.every_n_seconds
+        if trainer.world_size > 1:
+            # The ranks' clocks differ, and a save is collective: ranks that disagreed would
+            # wait for each other forever (rank zero in the save, the others in the next step's
+            # all-reduce). Rank zero's clock decides, as in Lightning's ModelCheckpoint with
+            # train_time_interval: one broadcast a step, only when every_n_seconds is set.
+            due = trainer.strategy.broadcast(due, src=0)
+        return due
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not weights_are_finite(pl_module):
