@@ -197,10 +197,10 @@ def test_resume_checkpoint_is_due_by_steps_and_by_wall_time(monkeypatch, tmp_pat
     clock = [100.0]
     monkeypatch.setattr(ckpt.time, "monotonic", lambda: clock[0])
     by_time = ckpt.ResumeCheckpoint(str(tmp_path), every_n_steps=None, every_n_seconds=60)
-    trainer = SimpleNamespace(global_step=7, received_sigterm=False)
+    trainer = SimpleNamespace(global_step=7, received_sigterm=False, world_size=1)
     assert not by_time._due(trainer)
     clock[0] += 61
     assert by_time._due(trainer)
     by_steps = ckpt.ResumeCheckpoint(str(tmp_path), every_n_steps=5)
-    assert [s for s in range(1, 16) if by_steps._due(SimpleNamespace(global_step=s, received_sigterm=False))] == [5, 10, 15]
-    assert by_steps._due(SimpleNamespace(global_step=3, received_sigterm=True))  # preemption saves now
+    assert [s for s in range(1, 16) if by_steps._due(SimpleNamespace(global_step=s, received_sigterm=False, world_size=1))] == [5, 10, 15]
+    assert by_steps._due(SimpleNamespace(global_step=3, received_sigterm=True, world_size=1))  # preemption saves now
