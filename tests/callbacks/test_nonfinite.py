@@ -191,6 +191,7 @@ class _DeepSpeedEngine:
 
     def __init__(self, fp16: bool, scale: float):
         self.skipped_steps, self.fp16, self.scale = 0, fp16, scale
+        self.optimizer = type("ZeroOptimizer", (), {"overflow": False})()  # DeepSpeed's own
 
     def fp16_enabled(self):
         return self.fp16

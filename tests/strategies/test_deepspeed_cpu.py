@@ -33,14 +33,19 @@ def test_subclass_changes_only_the_cpu_path():
     assert own - {"_device_args"} == overridden
 
 
-# (trainer option, precision, guard policy): ZeRO keeps gradients out of `p.grad`, so the guard
-# reads DeepSpeed's own verdict; before, such runs skipped poisoned steps silently forever.
+# (trainer option + overrides, precision, guard policy): ZeRO keeps gradients out of `p.grad`,
+# so the guard reads DeepSpeed's own verdict; before, such runs skipped poisoned steps silently
+# forever. Stage 0 in fp32 runs the plain torch optimizer (no DeepSpeed check, `p.grad` set):
+# there the guard's own check must stay.
 GUARDED = [("deepspeed_zero1", "32-true", "stop"), ("deepspeed_zero2", "bf16-mixed", "skip"),
-           ("deepspeed_zero3", "32-true", "stop")]
+           ("deepspeed_zero3", "32-true", "stop"),
+           ("deepspeed_zero1 trainer.strategy.config.zero_optimization.stage=0", "32-true", "stop"),
+           ("deepspeed_zero1 trainer.strategy.config.zero_optimization.stage=0", "32-true", "skip")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("option,precision,policy", GUARDED, ids=[g[0] for g in GUARDED])
+@pytest.mark.parametrize("option,precision,policy", GUARDED,
+                         ids=["zero1", "zero2-bf16-skip", "zero3", "stage0", "stage0-skip"])
 def test_nonfinite_guard_acts_on_the_steps_deepspeed_skips(option, precision, policy, tmp_path):
     import subprocess
     import sys
@@ -50,14 +55,21 @@ def test_nonfinite_guard_acts_on_the_steps_deepspeed_skips(option, precision, po
     from tests.strategies.test_multiprocess import TINY, env
 
     run_dir = tmp_path / "run"
-    args = [f"trainer={option}", "trainer.devices=1", f"trainer.precision={precision}", *TINY,
+    trainer, *overrides = option.split()
+    stage0 = bool(overrides)
+    args = [f"trainer={trainer}", *overrides, "trainer.devices=1", f"trainer.precision={precision}", *TINY,
             "trainer.max_steps=5", f"callbacks.nonfinite.policy={policy}",
             "+callbacks.poison._target_=tests.strategies.poison_grads.PoisonGradsAt",
             "+callbacks.poison.step=2", f"hydra.run.dir={run_dir}",
             f"paths.cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=300)
-    assert "OVERFLOW! Skipping step" in proc.stdout + proc.stderr  # DeepSpeed's own skip
+    # DeepSpeed's own skip; at stage 0 in fp32 the guard's (skip: it drops the gradients).
+    assert ("OVERFLOW! Skipping step" in proc.stdout + proc.stderr) is not stage0
+    if stage0 and policy == "skip":  # refused before the first step
+        assert proc.returncode != 0 and "callbacks.nonfinite.policy='skip'" in proc.stderr
+        assert "ZeRO stage 0 in fp32 with gradient clipping" in proc.stderr
+        return
     record = read_record(run_dir)
     if policy == "stop":
         assert proc.returncode != 0 and "non-finite loss or gradients at step 2" in proc.stderr

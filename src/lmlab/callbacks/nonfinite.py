@@ -44,10 +44,12 @@ class NonFiniteGuard(L.Callback):
     17 more overflows than growths), where the scaled gradients are smaller than the real ones
     and still overflow, i.e. the gradients are non-finite by themselves.
 
-    Under DeepSpeed the gradients are not in `p.grad` (ZeRO reduces them into its own partitioned
-    buffers) and the engine checks them itself: its `step()` skips a step whose gradients are
-    non-finite and counts it in `engine.skipped_steps`, in every precision. The guard reads that
-    count around each step (a host integer DeepSpeed has already synchronised, so every step is
+    Under DeepSpeed's own optimizers (ZeRO stages 1-3, and its fp16/bf16 wrappers at stage 0)
+    the gradients are not in `p.grad` (ZeRO reduces them into its own partitioned buffers) and
+    the engine checks them itself: its `step()` skips a step whose gradients are non-finite and
+    counts it in `engine.skipped_steps` (with its checks on, as by default: ZeRO's
+    `compute_grad_norm`, bf16's `check_grad_overflow`). The guard reads that count around each
+    step (a host integer DeepSpeed has already synchronised, so every step is
     checked whatever `check_every_n_steps` says): policy="stop" stops the run, policy="skip"
     counts the step DeepSpeed skipped. A run whose gradients stay non-finite would otherwise go
     on skipping every step to the end. With fp16 and a dynamic loss scale an overflow is
@@ -99,6 +101,15 @@ class NonFiniteGuard(L.Callback):
         return ~torch.isfinite(norms).all()
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        engine = _deepspeed_engine(trainer)
+        if (self.policy == "skip" and engine is not None and not hasattr(engine.optimizer, "overflow")
+                and engine.gradient_clipping()):
+            # DeepSpeed's clipping indexes the gradients it finds: a step whose gradients the
+            # guard dropped crashes it (IndexError in deepspeed.runtime.utils.clip_grad_norm_).
+            raise ConfigError("callbacks.nonfinite.policy", "skip", ["stop"], (
+                "DeepSpeed at ZeRO stage 0 in fp32 with gradient clipping (trainer.gradient_clip_val) "
+                "cannot run a step without gradients; use policy=stop, ZeRO stage >= 1 (which skips "
+                "non-finite steps itself), or no clipping"))
         if self.requested_check_every is None:
             on_cpu = pl_module.device.type == "cpu"
             self.check_every_n_steps = (1 if on_cpu or self.policy == "skip"
@@ -106,7 +117,7 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         engine = _deepspeed_engine(trainer)
-        if engine is not None:
+        if engine is not None and hasattr(engine.optimizer, "overflow"):
             self._deepspeed_step = (trainer.global_step, engine.skipped_steps, _deepspeed_scale(engine))
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -191,7 +202,10 @@ def _scaler_scale(trainer) -> torch.Tensor | None:
 
 
 def _deepspeed_engine(trainer):
-    """The run's DeepSpeed engine, or None when the strategy is not DeepSpeed."""
+    """The run's DeepSpeed engine, or None when the strategy is not DeepSpeed. Its optimizer
+    has an `overflow` flag when DeepSpeed checks the gradients itself (the engine's own test
+    for a skipped step); at ZeRO stage 0 in fp32 it is the plain torch optimizer, and the
+    gradients are in `p.grad`."""
     strategy = getattr(trainer, "strategy", None)
     return strategy.deepspeed_engine if isinstance(strategy, DeepSpeedStrategy) else None
 

@@ -244,12 +244,13 @@ class LMTask(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(values, step=self.global_step)
 
-    def count_tokens(self, mask: Tensor) -> None:
-        """Add the batch's real (unpadded) tokens, summed over the job's ranks, so every rank
-        holds the job's total and the record and checkpoints report it (with per-batch padding
-        the ranks' counts differ). One scalar all-reduce a step: queued on the stream on a GPU
-        (no host sync), small beside the gradients' on a CPU."""
-        count = mask.sum()
+    def count_tokens(self, *masks: Tensor) -> None:
+        """Add the batch's real (unpadded) tokens (the sum of every mask: source and target for
+        seq2seq), summed over the job's ranks, so every rank holds the job's total and the
+        record and checkpoints report it (with per-batch padding the ranks' counts differ). One
+        scalar all-reduce a step: queued on the stream on a GPU (no host sync), small beside
+        the gradients' on a CPU."""
+        count = sum(mask.sum() for mask in masks)
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
             # Not strategy.reduce: Lightning's puts a barrier first, a host wait on a GPU.

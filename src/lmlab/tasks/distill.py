@@ -160,8 +160,7 @@ class DistillSeq2SeqTask(_Distillation, Seq2SeqTask):
                              ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
         batch_size = batch["src_ids"].shape[0]
         loss = self._distilled(logits, self._teacher_logits(*inputs), labels, ce, batch_size)
-        self.count_tokens(batch["src_mask"])
-        self.count_tokens(batch["tgt_mask"])
+        self.count_tokens(batch["src_mask"], batch["tgt_mask"])
         return self.training_loss(loss, batch_size)
 
 

@@ -90,8 +90,7 @@ class Seq2SeqTask(LMTask):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self._loss(batch, self.label_smoothing, "mean")
-        self.count_tokens(batch["src_mask"])
-        self.count_tokens(batch["tgt_mask"])
+        self.count_tokens(batch["src_mask"], batch["tgt_mask"])
         return self.training_loss(loss, batch["src_ids"].shape[0])
 
     # -- evaluation ---------------------------------------------------------------------------

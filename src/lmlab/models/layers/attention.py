@@ -5,7 +5,7 @@ key/value head h // (n_heads / n_kv_heads). The fast path is
 `F.scaled_dot_product_attention` (flash / memory-efficient kernels, native GQA); `eager` is
 the explicit softmax(QK^T / sqrt(d) + mask) V reference that tests compare against. On the
 CPU, two cases of `sdpa` run lmlab's own kernels where SDPA's are slow: a learned bias with a
-gradient (`biased_attention`) and causal training at 128-512 tokens (`causal_attention`).
+gradient (`biased_attention`) and causal training at 128-1024 tokens (`causal_attention`).
 """
 
 from __future__ import annotations
