@@ -39,7 +39,7 @@ from lmlab.precision import resolve_auto_precision, use_fp32_matmuls_for_emulate
 from lmlab.record import base_record, write_record
 from lmlab.requeue import install_requeue_bridge
 from lmlab.strategies import check_run
-from lmlab.strategies.launch import use_run_config_launcher
+from lmlab.strategies.launch import finish_launched_ranks, use_run_config_launcher
 from lmlab.sweep import previous_record
 from lmlab.tokenizers import tokenizer_metrics
 
@@ -316,7 +316,12 @@ def main(cfg: DictConfig) -> float | None:
         done = completed_earlier(cfg)
         if done is not None:
             return objective(done, cfg)
-        record = run(cfg)
+        try:
+            record = run(cfg)
+        except BaseException:
+            finish_launched_ranks(grace_s=10)  # the other ranks have failed too, or will hang
+            raise
+        finish_launched_ranks()
     except LmlabError as err:
         log.error("%s: %s", type(err).__name__, err)
         if is_multirun():

@@ -42,3 +42,21 @@ class PoisonShardAt(L.Callback):
         grad = next(p.grad for p in pl_module.backbone.parameters() if p.grad is not None)
         local = getattr(grad, "_local_tensor", grad)  # this rank's shard of a DTensor, in place
         local.view(-1)[0] = float("nan")
+
+
+class PoisonWeightShardAtEnd(L.Callback):
+    """After the last training step, one element of rank 1's shard of the first weight becomes
+    inf (an FSDP2 DTensor's local shard, a ZeRO-3 partition), with every gradient finite: only
+    the final save's weight check can see it, and it must stop every rank, not rank 1 alone."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step or trainer.global_rank != 1:
+            return
+        param = next(iter(pl_module.backbone.parameters()))
+        shard = getattr(param, "ds_tensor", None)
+        if shard is None:
+            shard = getattr(param.data, "_local_tensor", param.data)
+        shard.view(-1)[0] = float("inf")

@@ -168,3 +168,49 @@ def test_time_based_checkpoints_agree_across_ranks(tmp_path):
            f"paths.cache_dir={tmp_path / 'cache'}"], timeout=240)
     record = read_record(run_dir)
     assert record["status"] == "completed" and record["step"] == 40
+
+
+@pytest.mark.slow
+def test_multirun_of_multiprocess_jobs_starts_each_jobs_ranks(tmp_path):
+    # Hydra's default launcher runs a sweep's jobs one after another in this process. The first
+    # job's launcher environment (LOCAL_RANK, MASTER_PORT, ...) and process group used to carry
+    # over: the second job took its ranks for externally started ones, started none and failed
+    # in its first collective against the first job's exited child.
+    sweep = tmp_path / "sweep"
+    train(["-m", "trainer=ddp", "trainer.devices=2", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}",
+           f"paths.cache_dir={tmp_path / 'cache'}"], timeout=400)
+    for job in ("0", "1"):
+        record = read_record(sweep / job)
+        assert record["status"] == "completed" and record["step"] == 4, (job, record.get("error"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["fsdp", "deepspeed_zero3"])
+def test_a_non_finite_weight_in_one_ranks_shard_stops_every_ranks_save(option, tmp_path):
+    # Each rank checked only its own shard before saving (ZeRO-3: its empty placeholders, i.e.
+    # nothing): rank 1 refused to save while rank 0 went into the collective save and died on
+    # the lost peer (gloo) or would wait there (NCCL). The verdict is every rank's now.
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"trainer={option}", "trainer.devices=2", *TINY,
+         "trainer.max_steps=3", "callbacks.last_checkpoint.every_n_steps=null",
+         "+callbacks.poison._target_=tests.strategies.poison_grads.PoisonWeightShardAtEnd",
+         "+callbacks.poison.step=3", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("non-finite weights at step 3") >= 2, proc.stderr[-4000:]
+    record = read_record(run_dir)
+    assert record["status"] == "failed" and record["error"].startswith("NonFiniteError"), record["error"]
+
+
+@pytest.mark.slow
+def test_zero3_generation_in_validation_leaves_the_weights_trainable(tmp_path):
+    # Validation's generation ran under inference_mode, which only FSDP2's DTensors turned off:
+    # ZeRO-3's parameters became inference tensors (and the next save's weight check failed).
+    run_dir = tmp_path / "run"
+    train(["trainer=deepspeed_zero3", "trainer.devices=2", *TINY, "trainer.limit_val_batches=null",
+           "trainer.val_check_interval=2", f"hydra.run.dir={run_dir}",
+           "+callbacks.inference_check._target_=tests.strategies.inference_check.NoInferenceParameters",
+           f"paths.cache_dir={tmp_path / 'cache'}"])
+    record = read_record(run_dir)
+    assert record["status"] == "completed" and record["step"] == 4

@@ -69,9 +69,27 @@ def last_good_checkpoint(dirpath: str | Path) -> Path | None:
     return None
 
 
-def weights_are_finite(module: torch.nn.Module) -> bool:
-    flags = [torch.isfinite(p).all() for p in module.parameters()]
-    return bool(torch.stack(flags).all()) if flags else True
+def _local_part(p: torch.Tensor) -> torch.Tensor:
+    """The elements of `p` this rank holds: a ZeRO-3 partition (`p` itself is then an empty
+    placeholder), an FSDP2 DTensor's shard, or `p`."""
+    part = getattr(p, "ds_tensor", None)
+    if part is not None:
+        return part
+    p = p.detach()
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def weights_are_finite(module: torch.nn.Module, trainer: L.Trainer | None = None) -> bool:
+    """Whether every weight is finite. Each rank checks what it holds, and with several ranks
+    (sharded weights: each holds a part) the verdict is every rank's: one collective, which
+    every rank reaches because saves are collective too. (A DTensor's own `isfinite().all()`
+    is a pending product that `bool()` reads locally: each rank judged its own shard, and a rank
+    that refused to save left the others waiting in the save.)"""
+    flags = [torch.isfinite(_local_part(p)).all() for p in module.parameters()]
+    finite = bool(torch.stack(flags).all()) if flags else True
+    if trainer is not None and trainer.world_size > 1:
+        finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
+    return finite
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -130,7 +148,7 @@ class ResumeCheckpoint(L.Callback):
         return due
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not weights_are_finite(pl_module):
+        if not weights_are_finite(pl_module, trainer):
             good = last_good_checkpoint(self.dirpath)
             raise NonFiniteError(
                 f"non-finite weights at step {trainer.global_step}; not overwriting the last good "

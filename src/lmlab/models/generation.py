@@ -32,9 +32,11 @@ EOS_CHECK_EVERY_DEFAULT = 8
 
 def inference_context(model: nn.Module):
     """`torch.inference_mode` (no version counters or view tracking: faster than `no_grad`),
-    except for sharded models: FSDP2 gathers a DTensor-sharded model's weights into tensors
-    it reuses in training, and an inference tensor there fails the next training step."""
-    sharded = any(type(p.detach()) is not torch.Tensor for p in model.parameters())
+    except for sharded models: FSDP2 (DTensor parameters) and DeepSpeed ZeRO-3 (`ds_id`
+    parameters) gather the weights into tensors they reuse in training, and an inference tensor
+    there fails the next training step (ZeRO-3: every later checkpoint's weight check)."""
+    sharded = any(type(p.detach()) is not torch.Tensor or hasattr(p, "ds_id")
+                  for p in model.parameters())
     return torch.no_grad() if sharded else torch.inference_mode()
 
 

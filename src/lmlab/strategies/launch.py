@@ -17,10 +17,15 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 RANK_CONFIG = ".rank_config.yaml"
+# What the launcher sets in this process's environment for the job's ranks to find each other.
+RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# Launchers whose ranks this process started and has not finished yet (see finish_launched_ranks).
+_LAUNCHED: list[RunConfigLauncher] = []
 
 
 class RunConfigLauncher(_SubprocessScriptLauncher):
@@ -32,6 +37,8 @@ class RunConfigLauncher(_SubprocessScriptLauncher):
 
     def _call_children_scripts(self) -> None:
         self._check_can_spawn_children()
+        self.saved_env = {name: os.environ.get(name) for name in RANK_ENV}
+        _LAUNCHED.append(self)
         os.environ["MASTER_ADDR"] = self.cluster_environment.main_address
         os.environ["MASTER_PORT"] = str(self.cluster_environment.main_port)
         os.environ["NODE_RANK"] = str(self.cluster_environment.node_rank())
@@ -41,6 +48,34 @@ class RunConfigLauncher(_SubprocessScriptLauncher):
         for local_rank in range(1, self.num_processes):
             env = {**os.environ, "LOCAL_RANK": str(local_rank)}
             self.procs.append(subprocess.Popen(command, env=env, cwd=os.getcwd()))
+
+    def finish(self, timeout: float = 300.0) -> None:
+        """End the job's ranks: wait for the children (killing any still there after
+        `timeout`), end this process's process group and restore the environment."""
+        for proc in self.procs:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for name, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def finish_launched_ranks(grace_s: float = 300.0) -> None:
+    """After a job whose other ranks this process started. The environment the launcher set
+    (LOCAL_RANK, MASTER_PORT, ...) and the live process group would otherwise carry over to
+    the next job of a multirun in this process (Hydra's default launcher runs the jobs one
+    after another in one process): that job would take its ranks for externally started ones,
+    start none, and wait in its first collective for the last job's exited children."""
+    while _LAUNCHED:
+        _LAUNCHED.pop().finish(grace_s)
 
 
 def use_run_config_launcher(trainer: L.Trainer, cfg: DictConfig, overrides: list[str], ckpt_path: str | None) -> None:
