@@ -30,14 +30,31 @@ EOS_CHECK_EVERY = {"cpu": 1}
 EOS_CHECK_EVERY_DEFAULT = 8
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the weights are sharded over ranks: FSDP2 (DTensor parameters) or DeepSpeed
+    ZeRO-3 (`ds_id` parameters). Every forward of such a model is a collective (the weights
+    are gathered layer by layer)."""
+    return any(type(p.detach()) is not torch.Tensor or hasattr(p, "ds_id")
+               for p in model.parameters())
+
+
 def inference_context(model: nn.Module):
     """`torch.inference_mode` (no version counters or view tracking: faster than `no_grad`),
-    except for sharded models: FSDP2 (DTensor parameters) and DeepSpeed ZeRO-3 (`ds_id`
-    parameters) gather the weights into tensors they reuse in training, and an inference tensor
-    there fails the next training step (ZeRO-3: every later checkpoint's weight check)."""
-    sharded = any(type(p.detach()) is not torch.Tensor or hasattr(p, "ds_id")
-                  for p in model.parameters())
-    return torch.no_grad() if sharded else torch.inference_mode()
+    except for sharded models, which gather the weights into tensors they reuse in training:
+    an inference tensor there fails the next training step (ZeRO-3: every later checkpoint's
+    weight check)."""
+    return torch.no_grad() if is_sharded(model) else torch.inference_mode()
+
+
+def all_rows_done(done: Tensor, sharded: bool) -> bool:
+    """`done.all()` read on the host; for a sharded model, every rank's (all ranks decode the
+    same evaluation batches, but a kernel's nondeterminism on one GPU could finish a row there
+    only): a rank stopping alone would leave the others waiting in their next forward."""
+    flag = done.all()
+    if sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        flag = flag.to(torch.int32)  # no MIN over bool in gloo
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
 
 
 def generate(
@@ -131,6 +148,7 @@ def _decode_loop(
         mask[:, :P] = prompt_mask
     done = None if eos_id is None else torch.zeros(B, dtype=torch.bool, device=device)
     eos_check_every = EOS_CHECK_EVERY.get(device.type, EOS_CHECK_EVERY_DEFAULT)
+    sharded = is_sharded(model)
 
     cache = model.new_cache(B, total) if use_cache else None
     sequence = None
@@ -149,7 +167,7 @@ def _decode_loop(
             done |= next_ids == eos_id
             # Reading `done` back waits for the device: off CPU only every few steps (the
             # extra steps write pad_id, which `out` holds there already).
-            if step % eos_check_every == eos_check_every - 1 and bool(done.all()):
+            if step % eos_check_every == eos_check_every - 1 and all_rows_done(done, sharded):
                 return
         if step == n_new - 1:
             return

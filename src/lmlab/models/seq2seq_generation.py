@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.models.generation import inference_context
+from lmlab.models.generation import all_rows_done, inference_context, is_sharded
 from lmlab.models.prepack import prepacked_linears
 from lmlab.models.sampling import mask_padded_vocab
 
@@ -80,13 +80,14 @@ def _greedy(
     # <bos> plus every generated token but the last is fed back: max_new_tokens positions.
     cache = model.new_cache(B, max_new_tokens)
     tokens = torch.full((B, 1), bos_id, dtype=torch.long, device=device)
+    sharded = is_sharded(model)
     for step in range(max_new_tokens):
         logits = model.decode(tokens, memory, src_mask, cache)[:, -1]
         next_ids = mask_padded_vocab(logits, vocab_size).argmax(dim=-1)
         out[:, step] = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
         if eos_id is not None:
             done = done | (next_ids == eos_id)
-            if bool(done.all()):
+            if all_rows_done(done, sharded):
                 return out[:, : step + 1]
         tokens = next_ids[:, None]
     return out
@@ -127,6 +128,7 @@ def _beam_search(
     row_offset = torch.arange(B, device=device)[:, None] * K
 
     tokens = torch.full((B * K, 1), bos_id, dtype=torch.long, device=device)
+    sharded = is_sharded(model)
     for step in range(N):
         length = step + 1
         logits = model.decode(tokens, memory, src_mask, cache)[:, -1].float()
@@ -160,7 +162,7 @@ def _beam_search(
         # length, is no better than the worst of them (HF's default stopping rule).
         best_live = live_scores[:, 0] / length**length_penalty
         done = done | ((fin_scores[:, -1] > float("-inf")) & (best_live <= fin_scores[:, -1]))
-        if bool(done.all()):
+        if all_rows_done(done, sharded):
             break
         tokens = live_seqs[:, :, step].reshape(B * K, 1)
 
