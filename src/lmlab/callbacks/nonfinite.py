@@ -102,7 +102,7 @@ class NonFiniteGuard(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         engine = _deepspeed_engine(trainer)
-        if (self.policy == "skip" and engine is not None and not hasattr(engine.optimizer, "overflow")
+        if (self.policy == "skip" and engine is not None and not _deepspeed_checks_grads(engine)
                 and engine.gradient_clipping()):
             # DeepSpeed's clipping indexes the gradients it finds: a step whose gradients the
             # guard dropped crashes it (IndexError in deepspeed.runtime.utils.clip_grad_norm_).
@@ -117,7 +117,7 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         engine = _deepspeed_engine(trainer)
-        if engine is not None and hasattr(engine.optimizer, "overflow"):
+        if engine is not None and _deepspeed_checks_grads(engine):
             self._deepspeed_step = (trainer.global_step, engine.skipped_steps, _deepspeed_scale(engine))
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -202,12 +202,16 @@ def _scaler_scale(trainer) -> torch.Tensor | None:
 
 
 def _deepspeed_engine(trainer):
-    """The run's DeepSpeed engine, or None when the strategy is not DeepSpeed. Its optimizer
-    has an `overflow` flag when DeepSpeed checks the gradients itself (the engine's own test
-    for a skipped step); at ZeRO stage 0 in fp32 it is the plain torch optimizer, and the
-    gradients are in `p.grad`."""
+    """The run's DeepSpeed engine, or None when the strategy is not DeepSpeed."""
     strategy = getattr(trainer, "strategy", None)
     return strategy.deepspeed_engine if isinstance(strategy, DeepSpeedStrategy) else None
+
+
+def _deepspeed_checks_grads(engine) -> bool:
+    """Whether DeepSpeed checks the gradients itself and skips non-finite steps: its optimizer
+    has an `overflow` flag (the engine's own test for a skipped step). At ZeRO stage 0 in fp32
+    it is the plain torch optimizer, and the gradients are in `p.grad`."""
+    return hasattr(engine.optimizer, "overflow")
 
 
 def _deepspeed_scale(engine) -> float | None:

@@ -9,8 +9,9 @@ and summarised over the whole run (`summary()`, written to `metrics.json` under
   computes them), both sides for seq2seq; no tensor value is read, so there is no
   host-device sync per step. Each rank counts its own batches (with per-batch padding their
   lengths differ); the counts are summed over ranks in one all-reduce at each logging step and
-  at the end of training (a run stopped before that reports rank zero's × ranks, with a note). On CUDA the clock is synchronised once per logging window,
-  at validation and at the end, so the asynchronous queue does not blur the windows.
+  at the end of training (a run stopped before that reports rank zero's × ranks, with a note).
+  On CUDA the clock is synchronised once per logging window, at validation and at the end, so
+  the asynchronous queue does not blur the windows.
 - FLOPs are `describe`'s analytic forward+backward count for each batch's shape
   (`TrainingFlops`: attention included, MoE at its active experts, encoder and decoder
   tokens for seq2seq, frozen weights without weight gradients under PEFT, prompt and prefix

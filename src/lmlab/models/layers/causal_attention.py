@@ -15,8 +15,8 @@ autocast (bf16 runs keep SDPA, whose reduced-precision handling stays the refere
 with no mask, no dropout, and 128 <= T <= 1024. Below, one block skips nothing. Above, the
 saved probabilities (~0.55·B·H·T² floats a layer) cost more memory than the time is worth:
 the bench model's saved activations (6 layers, head_dim 64, B·T = 2048) grow by 16 % at
-T = 256, 43 % at 1024, 79 % at 2048. Whole bench-model steps (6 layers, B·T = 2048, 2 threads), with it against SDPA:
-T = 1024 1.06×, T = 2048 1.04×. Recomputing the probabilities in backward from a saved
+T = 256, 43 % at 1024, 79 % at 2048. Whole bench-model steps (6 layers, B·T = 2048, 2
+threads), with it against SDPA: T = 1024 1.06×, T = 2048 1.04×. Recomputing the probabilities in backward from a saved
 log-sum-exp instead (SDPA's memory) was slower than SDPA at every length measured (256-2048).
 """
 
