@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
+from lmlab.data.eval_sharding import eval_batches
 from lmlab.data.sampling import StepBatchSampler
 from lmlab.errors import ConfigError
 from lmlab.tokenizers import Tokenizer, TokenizerConfig
@@ -114,6 +116,15 @@ class LMDataModule(L.LightningDataModule, ABC):
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
         )
+
+    # -- evaluation batches --------------------------------------------------------------------
+    def eval_dataloader(self, items: Sequence[Any], collate_fn: Callable[[list[Any]], dict]) -> DataLoader:
+        """Validation/test batches of `items`, in order; with several ranks this rank's share
+        only (`lmlab.data.eval_sharding`)."""
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DataLoader(items, batch_sampler=eval_batches(len(items), self.eval_batch_size, rank, world),
+                          collate_fn=collate_fn, pin_memory=self.pin_memory)
 
     @property
     def pin_memory(self) -> bool:

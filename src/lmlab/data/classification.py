@@ -187,8 +187,7 @@ class ClassificationDataModule(LMDataModule):
         return classification_batch(sequences, labels, self.tokenizer.pad_id)
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self.encoded[split], batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=self.collate_train, pin_memory=self.pin_memory)
+        return self.eval_dataloader(self.encoded[split], self.collate_train)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

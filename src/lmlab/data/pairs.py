@@ -117,8 +117,7 @@ class PairsDataModule(LMDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         items = list(zip(self.encoded[split], self.splits[split]))
-        return DataLoader(items, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self._collate_eval,
-                          pin_memory=self.pin_memory)
+        return self.eval_dataloader(items, self._collate_eval)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -133,8 +133,7 @@ class TextCorpusDataModule(LMDataModule):
         toks = self.tokens[split]
         n_windows = min((len(toks) - 1) // length, self.max_eval_windows)
         items = [toks[i * length : i * length + length + 1] for i in range(n_windows)]
-        return DataLoader(items, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate_train,
-                          pin_memory=self.pin_memory)
+        return self.eval_dataloader(items, self.collate_train)
 
     def _eval_loaders(self, split: str) -> DataLoader | list[DataLoader]:
         """One loader of `seq_len` windows, then one per `eval_seq_lens` entry (dataloader

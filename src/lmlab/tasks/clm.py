@@ -12,6 +12,7 @@ from lmlab.data.collate import IGNORE_INDEX
 from lmlab.models.generation import generate
 from lmlab.models.layers.fused_cross_entropy import plain_cross_entropy
 from lmlab.tasks.base import EvalMeters, LMTask, split_weight_decay
+from lmlab.tasks.text_metrics import accuracy_by_task, gather_objects, normalise
 from lmlab.tokenizers import Tokenizer
 
 __all__ = ["CausalLMTask", "causal_lm_loss", "split_weight_decay"]
@@ -31,10 +32,6 @@ def causal_lm_loss(backbone: nn.Module, input_ids: torch.Tensor, labels: torch.T
         return backbone(input_ids, labels=labels, ignore_index=IGNORE_INDEX,
                         label_smoothing=label_smoothing, reduction=reduction)
     return plain_cross_entropy(backbone(input_ids), labels, IGNORE_INDEX, label_smoothing, reduction)
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.split())
 
 
 class CausalLMTask(LMTask):
@@ -66,6 +63,7 @@ class CausalLMTask(LMTask):
         self.eval_generation = eval_generation
         self.max_new_tokens = max_new_tokens
         self.eval_meters = EvalMeters(("loss",))
+        self._matches: list[tuple[str, bool]] = []  # (task, exact match) of each scored prompt
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.run_backbone(input_ids, attention_mask=attention_mask)
@@ -98,19 +96,21 @@ class CausalLMTask(LMTask):
             vocab_size=self.tokenizer.vocab_size,
         )
         predictions = self.tokenizer.decode_batch(new_tokens.tolist())
-        correct = [_normalise(p) == _normalise(t) for p, t in zip(predictions, batch["target_text"])]
-        n = len(correct)
-        self.log(f"{stage}/acc", sum(correct) / n, batch_size=n, on_epoch=True, on_step=False, prog_bar=True)
-        by_task: dict[str, list[bool]] = {}
-        for task, ok in zip(batch["task"], correct):
-            by_task.setdefault(task, []).append(ok)
-        for task, oks in by_task.items():
-            self.log(f"{stage}/acc/{task}", sum(oks) / len(oks), batch_size=len(oks), on_epoch=True, on_step=False)
+        tasks = batch.get("task") or [""] * len(predictions)  # parallel corpora name no tasks
+        self._matches.extend((task, normalise(p) == normalise(t))
+                             for p, t, task in zip(predictions, batch["target_text"], tasks))
 
     def _eval_epoch_end(self, stage: str) -> None:
         for suffix, values in self.eval_meters.results().items():
             self.log(f"{stage}/loss{suffix}", values["loss"], prog_bar=not suffix)
             self.log(f"{stage}/ppl{suffix}", torch.exp(values["loss"].clamp(max=50.0)))
+        if self.eval_generation:
+            # Each rank scored its share of the prompts (lmlab.data.eval_sharding).
+            matches, self._matches = gather_objects(self._matches), []
+            if matches:
+                self.log(f"{stage}/acc", sum(ok for _, ok in matches) / len(matches), prog_bar=True)
+                for task, acc in accuracy_by_task(matches).items():
+                    self.log(f"{stage}/acc/{task}", acc)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val", dataloader_idx)

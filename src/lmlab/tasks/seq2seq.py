@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.data.collate import IGNORE_INDEX
+from lmlab.data.eval_sharding import share_of_decoding
 from lmlab.errors import ConfigError
 from lmlab.models.seq2seq_generation import generate_seq2seq
 from lmlab.tasks.base import LMTask, RatioMeter
-from lmlab.tasks.text_metrics import corpus_scores, gather_strings, normalise
+from lmlab.tasks.text_metrics import accuracy_by_task, corpus_scores, gather_objects, normalise
 from lmlab.tokenizers import Tokenizer
 
 
@@ -27,8 +28,9 @@ class Seq2SeqTask(LMTask):
     `generate_seq2seq` (`num_beams` 1 = greedy) and compared to the reference strings:
     corpus `{val,test}/bleu` and `/chrf` (sacrebleu, detokenised text from tokenizer.decode),
     exact match `{val,test}/acc`, and `{val,test}/acc/<task>` for batches that name tasks.
-    Validation decodes only the first `eval_max_batches_decoded` batches (null = all): decoding
-    the whole of a real validation set at every check is slow on a CPU; test decodes all.
+    Validation decodes only the first `eval_max_batches_decoded` batches (null = all; with
+    several ranks, rounded up to a multiple of their number): decoding the whole of a real
+    validation set at every check is slow on a CPU; test decodes all.
     """
 
     def __init__(
@@ -111,7 +113,9 @@ class Seq2SeqTask(LMTask):
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
         token_losses = self._loss(batch, 0.0, "sum")
         self.eval_loss.update(token_losses, (batch["tgt_out"] != IGNORE_INDEX).sum())
-        limit = self.eval_max_batches_decoded if stage == "val" else None
+        # Each rank decodes its share of the first batches; all ranks stop at the same index.
+        world = getattr(self._trainer, "world_size", 1)
+        limit = share_of_decoding(self.eval_max_batches_decoded, world) if stage == "val" else None
         if not self.eval_generation or (limit is not None and batch_idx >= limit):
             return
         self._decoded["hyp"].extend(self.decode_batch(batch))
@@ -123,7 +127,7 @@ class Seq2SeqTask(LMTask):
         self.eval_loss.reset()
         self.log(f"{stage}/loss", loss, prog_bar=True)
         self.log(f"{stage}/ppl", torch.exp(loss.clamp(max=50.0)))
-        hyp, ref, tasks = (gather_strings(self._decoded[k]) for k in ("hyp", "ref", "task"))
+        hyp, ref, tasks = (gather_objects(self._decoded[k]) for k in ("hyp", "ref", "task"))
         self._decoded = {"hyp": [], "ref": [], "task": []}
         if not hyp:
             return
@@ -131,12 +135,8 @@ class Seq2SeqTask(LMTask):
             self.log(f"{stage}/{name}", value, prog_bar=name == "bleu")
         correct = [normalise(h) == normalise(r) for h, r in zip(hyp, ref)]
         self.log(f"{stage}/acc", sum(correct) / len(correct))
-        by_task: dict[str, list[bool]] = {}
-        for task, ok in zip(tasks, correct):
-            if task:
-                by_task.setdefault(task, []).append(ok)
-        for task, oks in by_task.items():
-            self.log(f"{stage}/acc/{task}", sum(oks) / len(oks))
+        for task, acc in accuracy_by_task(list(zip(tasks, correct))).items():
+            self.log(f"{stage}/acc/{task}", acc)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
