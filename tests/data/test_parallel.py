@@ -38,7 +38,7 @@ def test_seq2seq_batches_from_multi30k_val(cache_dir):
     # one vocabulary for both languages
     assert tok.token_to_id("Mann") is not None and tok.token_to_id("man") is not None
     batch = next(iter(dm.test_dataloader()))
-    assert set(batch) == {"src_ids", "src_mask", "tgt_in", "tgt_out", "tgt_mask", "target_text"}
+    assert set(batch) == {"src_ids", "src_mask", "tgt_in", "tgt_out", "tgt_mask", "target_text", "eval_index"}
     assert (batch["tgt_in"][:, 0] == tok.bos_id).all()
     for b in range(batch["src_ids"].shape[0]):
         n_src = int(batch["src_mask"][b].sum())

@@ -76,7 +76,7 @@ def test_seq2seq_format_batches_are_consistent(cache_dir):
     tok = dm.tokenizer
     assert dm.kind == "seq2seq"
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"src_ids", "src_mask", "tgt_in", "tgt_out", "tgt_mask", "target_text", "task"}
+    assert set(batch) == {"src_ids", "src_mask", "tgt_in", "tgt_out", "tgt_mask", "target_text", "task", "eval_index"}
     examples = dm.splits["val"]
     for b in range(len(batch["target_text"])):
         out = batch["tgt_out"][b]

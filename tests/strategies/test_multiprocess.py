@@ -185,6 +185,25 @@ def test_multirun_of_multiprocess_jobs_starts_each_jobs_ranks(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_sweep_goes_on_after_a_job_whose_ranks_all_failed(tmp_path):
+    # Lightning's process observer SIGKILLed rank zero (here: the sweep's process) within 5 s of
+    # the other rank's failure, while rank zero was still failing on its own: its error was never
+    # printed or recorded, and the sweep's later jobs never ran.
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "trainer=ddp", "trainer.devices=2", *TINY,
+         "+callbacks.fail._target_=tests.strategies.failing_ranks.FailOnEveryRank", "+callbacks.fail.step=2",
+         "+callbacks.fail.rank_zero_delay_s=8", "seed=0,1", f"hydra.sweep.dir={sweep}",
+         f"paths.cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for job in ("0", "1"):
+        record = read_record(sweep / job)
+        assert record["status"] == "failed", record
+        assert record["error"] == "RuntimeError: planned failure on rank 0"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["fsdp", "deepspeed_zero3"])
 def test_a_non_finite_weight_in_one_ranks_shard_stops_every_ranks_save(option, tmp_path):
     # Each rank checked only its own shard before saving (ZeRO-3: its empty placeholders, i.e.

@@ -56,6 +56,44 @@ def test_bert_mlm_trains_and_evaluates_deterministically(text_dm):
     assert first == second  # the same masks at every evaluation
 
 
+def test_evaluation_masks_do_not_depend_on_the_batching(text_dm):
+    # Each row's masks follow its index in the split: 16 windows in batches of 16, of 3, or as
+    # one of two ranks' shares (lmlab.data.eval_sharding) get the same masks.
+    from lmlab.data.eval_sharding import eval_batches
+
+    task = _task(text_dm)
+    loader = text_dm.val_dataloader()[0]
+    numbered = [loader.dataset[i] for i in range(len(loader.dataset))]  # (index, window)
+
+    def masked(batches: list[list[int]]) -> dict[int, torch.Tensor]:
+        out = {}
+        for rows in batches:
+            batch = loader.collate_fn([numbered[i] for i in rows])
+            ids, labels = task.mask(batch, [seeded_generator(0, 1, 0, i) for i in batch["eval_index"]])
+            out.update({i: torch.stack([ids[k], labels[k]]) for k, i in enumerate(rows)})
+        return out
+
+    whole = masked(eval_batches(16, 16))
+    assert len(whole) == 16 and any((m[1] != IGNORE_INDEX).any() for m in whole.values())
+    for batches in (eval_batches(16, 3), eval_batches(16, 3, 0, 2) + eval_batches(16, 3, 1, 2)):
+        other = masked(batches)
+        assert other.keys() == whole.keys()
+        for i in whole:
+            assert torch.equal(other[i], whole[i]), i
+
+
+def test_validation_numbers_do_not_depend_on_the_eval_batch_size(text_dm):
+    task = _task(text_dm, seed=3)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu", enable_model_summary=False)
+    results = []
+    for eval_batch_size in (16, 5):
+        text_dm.eval_batch_size = eval_batch_size
+        results.append(trainer.validate(task, datamodule=text_dm, verbose=False)[0])
+    text_dm.eval_batch_size = 8
+    for key in results[0]:
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-5), key
+
+
 def test_bad_probabilities_are_config_errors(text_dm):
     with pytest.raises(ConfigError, match="task.mask_prob"):
         _task(text_dm, mask_prob=0.0)

@@ -123,8 +123,8 @@ class LMDataModule(L.LightningDataModule, ABC):
         only (`lmlab.data.eval_sharding`)."""
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return DataLoader(items, batch_sampler=eval_batches(len(items), self.eval_batch_size, rank, world),
-                          collate_fn=collate_fn, pin_memory=self.pin_memory)
+        return DataLoader(_Numbered(items), batch_sampler=eval_batches(len(items), self.eval_batch_size, rank, world),
+                          collate_fn=_NumberedCollate(collate_fn), pin_memory=self.pin_memory)
 
     @property
     def pin_memory(self) -> bool:
@@ -155,6 +155,33 @@ class LMDataModule(L.LightningDataModule, ABC):
     @abstractmethod
     def collate_train(self, items: list[Any]) -> dict:
         """A list of items → a batch of tensors (see `lmlab.data.collate`)."""
+
+
+class _Numbered:
+    """Evaluation items with their index in the split."""
+
+    def __init__(self, items: Sequence[Any]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.items[index]
+
+
+class _NumberedCollate:
+    """A data module's collate, plus `eval_index`: each row's index in the split (a list of
+    ints, which stays on the host), for what must not depend on how the split was batched or
+    shared out across ranks (MLM's evaluation masks)."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], dict]):
+        self.collate_fn = collate_fn
+
+    def __call__(self, numbered: list[tuple[int, Any]]) -> dict:
+        batch = self.collate_fn([item for _, item in numbered])
+        batch["eval_index"] = [index for index, _ in numbered]
+        return batch
 
 
 class _IndexDataset:

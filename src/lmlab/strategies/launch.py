@@ -11,13 +11,20 @@ an outside launcher (torchrun, srun) are left alone.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +33,10 @@ RANK_CONFIG = ".rank_config.yaml"
 RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 # Launchers whose ranks this process started and has not finished yet (see finish_launched_ranks).
 _LAUNCHED: list[RunConfigLauncher] = []
+# How long a failed rank's job is left to fail in this process on its own before it is killed.
+FAILED_RANK_GRACE_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 class RunConfigLauncher(_SubprocessScriptLauncher):
@@ -49,9 +60,20 @@ class RunConfigLauncher(_SubprocessScriptLauncher):
             env = {**os.environ, "LOCAL_RANK": str(local_rank)}
             self.procs.append(subprocess.Popen(command, env=env, cwd=os.getcwd()))
 
+    def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
+        """Lightning's launch with `RankObserver` in place of its process observer."""
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        self.finishing = threading.Event()
+        self._call_children_scripts()
+        RankObserver(self.procs, self.finishing).start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
     def finish(self, timeout: float = 300.0) -> None:
         """End the job's ranks: wait for the children (killing any still there after
         `timeout`), end this process's process group and restore the environment."""
+        if getattr(self, "finishing", None) is not None:
+            self.finishing.set()  # this process is ending the job itself: no observer's kill
         for proc in self.procs:
             try:
                 proc.wait(timeout)
@@ -66,6 +88,42 @@ class RunConfigLauncher(_SubprocessScriptLauncher):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+class RankObserver(threading.Thread):
+    """Ends a job whose other rank failed while this process (rank zero) hangs.
+
+    Lightning's observer SIGKILLs this process within 5 s of a child's non-zero exit. The
+    child usually failed at the same point as rank zero (the same error on every rank, or a
+    peer's lost connection), and rank zero was still writing its run record, printing its error
+    and ending the job: a 2-process run ended killed with rank zero's error unprinted, and in a
+    Hydra multirun the kill ended the whole sweep, whose later jobs never ran. This one leaves
+    rank zero `FAILED_RANK_GRACE_S` to end the job itself (`finish_launched_ranks`, which sets
+    `finishing`) and kills it only if it has not: e.g. blocked in an NCCL collective for the
+    lost rank.
+    """
+
+    def __init__(self, procs: list[subprocess.Popen], finishing: threading.Event, poll_s: float = 1.0):
+        super().__init__(daemon=True, name="lmlab-rank-observer")
+        self.procs, self.finishing, self.poll_s = procs, finishing, poll_s
+        self.main_pid = os.getpid()
+
+    def run(self) -> None:
+        failed_at = None
+        while not self.finishing.wait(self.poll_s):
+            codes = [proc.poll() for proc in list(self.procs)]
+            if codes and all(code == 0 for code in codes):
+                return
+            if failed_at is None and any(codes):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
+                log.error("rank %d exited with code %s and rank zero has not ended the job %.0f s later: "
+                          "killing the job's processes", next(i + 1 for i, c in enumerate(codes) if c),
+                          next(c for c in codes if c), FAILED_RANK_GRACE_S)
+                for proc in self.procs:
+                    proc.kill()
+                os.kill(self.main_pid, signal.SIGKILL)
+                return
 
 
 def finish_launched_ranks(grace_s: float = 300.0) -> None:

@@ -24,7 +24,7 @@ def bert_mask(
     mask_prob: float = 0.15,
     mask_token_prob: float = 0.8,
     random_token_prob: float = 0.1,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(masked input ids, labels): each real, non-special token is chosen with `mask_prob`; a
     chosen token becomes <mask> with `mask_token_prob`, a random ordinary token (never a
@@ -32,12 +32,15 @@ def bert_mask(
     positions and IGNORE_INDEX elsewhere, so the loss covers exactly the chosen tokens.
 
     Random numbers are drawn on the CPU from `generator` (a CPU generator cannot feed CUDA
-    sampling) and moved to the batch's device: tiny next to a forward pass.
+    sampling) and moved to the batch's device: tiny next to a forward pass. A list of
+    generators, one per row, draws each row's numbers from its own.
     """
     shape, device = input_ids.shape, input_ids.device
-    chosen_draw = torch.rand(shape, generator=generator).to(device)
-    kind_draw = torch.rand(shape, generator=generator).to(device)
-    random_ids = torch.randint(num_special, vocab_size, shape, generator=generator).to(device)
+    if isinstance(generator, list):
+        rows = [_draws((1, shape[1]), num_special, vocab_size, g) for g in generator]
+        chosen_draw, kind_draw, random_ids = (torch.cat(parts).to(device) for parts in zip(*rows))
+    else:
+        chosen_draw, kind_draw, random_ids = (d.to(device) for d in _draws(shape, num_special, vocab_size, generator))
     eligible = input_ids >= num_special
     if attention_mask is not None:
         eligible &= attention_mask.bool()
@@ -48,3 +51,10 @@ def bert_mask(
     masked = torch.where(to_random, random_ids, masked)
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     return masked, labels
+
+
+def _draws(shape: tuple[int, ...], num_special: int, vocab_size: int,
+           generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Which tokens are chosen, what becomes of them, and their random replacements."""
+    return (torch.rand(shape, generator=generator), torch.rand(shape, generator=generator),
+            torch.randint(num_special, vocab_size, shape, generator=generator))

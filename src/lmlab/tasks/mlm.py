@@ -96,11 +96,11 @@ class MaskedLMTask(LMTask):
 
     # -- evaluation ---------------------------------------------------------------------------
     def _eval_step(self, batch: dict, batch_idx: int, stage: str, dataloader_idx: int) -> None:
-        # Seeded by the batch's index in the split: rank r runs batches r, r + world, ...
-        # (lmlab.data.eval_sharding), so no two ranks draw the same masks.
-        trainer = self._trainer
-        split_batch = batch_idx * trainer.world_size + trainer.global_rank if trainer is not None else batch_idx
-        generator = seeded_generator(self.seed, STREAMS[stage], dataloader_idx, split_batch)
+        # Each row's masks are seeded by its index in the split, so the numbers do not depend
+        # on how the split was batched or shared out across ranks (lmlab.data.eval_sharding).
+        rows = batch.get("eval_index")
+        generator = ([seeded_generator(self.seed, STREAMS[stage], dataloader_idx, index) for index in rows]
+                     if rows is not None else seeded_generator(self.seed, STREAMS[stage], dataloader_idx, batch_idx))
         logits, targets = self.masked_logits(batch, generator)
         n = torch.tensor(targets.numel(), device=logits.device)
         self.eval_meters.update(
