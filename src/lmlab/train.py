@@ -39,7 +39,11 @@ from lmlab.precision import resolve_auto_precision, use_fp32_matmuls_for_emulate
 from lmlab.record import base_record, write_record
 from lmlab.requeue import install_requeue_bridge
 from lmlab.strategies import check_run
-from lmlab.strategies.launch import finish_launched_ranks, use_run_config_launcher
+from lmlab.strategies.launch import (
+    RunConfigLauncher,
+    finish_launched_ranks,
+    use_run_config_launcher,
+)
 from lmlab.sweep import previous_record
 from lmlab.tokenizers import tokenizer_metrics
 
@@ -205,6 +209,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams({**resolved, "params/total": params["total"], "params/trainable": params["trainable"]})
 
+    launcher = getattr(trainer.strategy, "_launcher", None)
+    if isinstance(launcher, RunConfigLauncher):  # a hung job killed for a lost rank: recorded first
+        launcher.on_abandon = lambda reason: write_record(output_dir, {
+            **record, "status": "failed", "error": f"RankFailure: {reason}", "wall_time_s": time.time() - started})
     try:
         trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics: dict[str, float] = _finite_metrics(trainer.callback_metrics)  # train/* as fit ended

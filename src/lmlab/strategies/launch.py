@@ -45,6 +45,8 @@ class RunConfigLauncher(_SubprocessScriptLauncher):
     def __init__(self, config_path: Path, **kwargs):
         super().__init__(**kwargs)
         self.config_path = config_path
+        # Called with the reason before RankObserver kills a hung job (the run's record).
+        self.on_abandon: Callable[[str], None] | None = None
 
     def _call_children_scripts(self) -> None:
         self._check_can_spawn_children()
@@ -65,7 +67,7 @@ class RunConfigLauncher(_SubprocessScriptLauncher):
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         self.finishing = threading.Event()
         self._call_children_scripts()
-        RankObserver(self.procs, self.finishing).start()
+        RankObserver(self.procs, self.finishing, self.on_abandon).start()
         _set_num_threads_if_needed(num_processes=self.num_processes)
         return function(*args, **kwargs)
 
@@ -100,12 +102,14 @@ class RankObserver(threading.Thread):
     Hydra multirun the kill ended the whole sweep, whose later jobs never ran. This one leaves
     rank zero `FAILED_RANK_GRACE_S` to end the job itself (`finish_launched_ranks`, which sets
     `finishing`) and kills it only if it has not: e.g. blocked in an NCCL collective for the
-    lost rank.
+    lost rank. `on_abandon(reason)` (the run's record, see `train.run`) is called before the
+    kill.
     """
 
-    def __init__(self, procs: list[subprocess.Popen], finishing: threading.Event, poll_s: float = 1.0):
+    def __init__(self, procs: list[subprocess.Popen], finishing: threading.Event,
+                 on_abandon: Callable[[str], None] | None = None, poll_s: float = 1.0):
         super().__init__(daemon=True, name="lmlab-rank-observer")
-        self.procs, self.finishing, self.poll_s = procs, finishing, poll_s
+        self.procs, self.finishing, self.on_abandon, self.poll_s = procs, finishing, on_abandon, poll_s
         self.main_pid = os.getpid()
 
     def run(self) -> None:
@@ -117,9 +121,15 @@ class RankObserver(threading.Thread):
             if failed_at is None and any(codes):
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
-                log.error("rank %d exited with code %s and rank zero has not ended the job %.0f s later: "
-                          "killing the job's processes", next(i + 1 for i, c in enumerate(codes) if c),
-                          next(c for c in codes if c), FAILED_RANK_GRACE_S)
+                rank, code = next((i + 1, c) for i, c in enumerate(codes) if c)
+                reason = (f"rank {rank} exited with code {code} and rank zero had not ended the job "
+                          f"{FAILED_RANK_GRACE_S:.0f} s later: the job's processes were killed")
+                log.error(reason)
+                if self.on_abandon is not None:
+                    try:
+                        self.on_abandon(reason)
+                    except Exception:  # the kill must happen whatever the record's fate
+                        log.exception("could not record the abandoned job")
                 for proc in self.procs:
                     proc.kill()
                 os.kill(self.main_pid, signal.SIGKILL)
