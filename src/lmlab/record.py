@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ def _jsonable(value: Any) -> Any:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # Per thread too: rank zero's RankObserver may write the record while the main thread does.
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 

@@ -147,6 +147,19 @@ def _no_record(output_dir: Path, record: dict[str, Any]) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, evaluate and record one run (see `_run`); a multi-process job's other ranks, if
+    this process started them, are ended with it, however it ends (a script or test calling
+    `run` directly included)."""
+    try:
+        record = _run(cfg)
+    except BaseException:
+        finish_launched_ranks(grace_s=10)  # the other ranks have failed too, or will hang
+        raise
+    finish_launched_ranks()
+    return record
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the record written to metrics.json."""
     started = time.time()
     # Lightning has its own console handler; Hydra's root handler would print every line twice.
@@ -324,12 +337,7 @@ def main(cfg: DictConfig) -> float | None:
         done = completed_earlier(cfg)
         if done is not None:
             return objective(done, cfg)
-        try:
-            record = run(cfg)
-        except BaseException:
-            finish_launched_ranks(grace_s=10)  # the other ranks have failed too, or will hang
-            raise
-        finish_launched_ranks()
+        record = run(cfg)
     except LmlabError as err:
         log.error("%s: %s", type(err).__name__, err)
         if is_multirun():

@@ -42,3 +42,6 @@ class OracleDecoding(L.Callback):
             return [t if zlib.crc32(t.encode()) % 3 else "" for t in targets]
 
         pl_module.tokenizer.decode_batch = decode_batch
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)

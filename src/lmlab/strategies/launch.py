@@ -65,9 +65,12 @@ class RunConfigLauncher(_SubprocessScriptLauncher):
     def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
         """Lightning's launch with `RankObserver` in place of its process observer."""
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        self.finishing = threading.Event()
-        self._call_children_scripts()
-        RankObserver(self.procs, self.finishing, self.on_abandon).start()
+        # Lightning launches again for each `trainer.validate`/`test` after `fit`; by then the
+        # environment names this process's rank, and the children started at `fit` serve those.
+        if not self.cluster_environment.creates_processes_externally:
+            self.finishing = threading.Event()
+            self._call_children_scripts()
+            RankObserver(self.procs, self.finishing, self.on_abandon).start()
         _set_num_threads_if_needed(num_processes=self.num_processes)
         return function(*args, **kwargs)
 
@@ -116,7 +119,7 @@ class RankObserver(threading.Thread):
         failed_at = None
         while not self.finishing.wait(self.poll_s):
             codes = [proc.poll() for proc in list(self.procs)]
-            if codes and all(code == 0 for code in codes):
+            if all(code == 0 for code in codes):  # done, or the job was ended (no procs left)
                 return
             if failed_at is None and any(codes):
                 failed_at = time.monotonic()
@@ -130,6 +133,8 @@ class RankObserver(threading.Thread):
                         self.on_abandon(reason)
                     except Exception:  # the kill must happen whatever the record's fate
                         log.exception("could not record the abandoned job")
+                if self.finishing.is_set():  # rank zero got there meanwhile
+                    return
                 for proc in self.procs:
                     proc.kill()
                 os.kill(self.main_pid, signal.SIGKILL)
