@@ -42,6 +42,7 @@ from lmlab.strategies import check_run
 from lmlab.strategies.launch import (
     RunConfigLauncher,
     finish_launched_ranks,
+    stop_observing_ranks,
     use_run_config_launcher,
 )
 from lmlab.sweep import previous_record
@@ -223,7 +224,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams({**resolved, "params/total": params["total"], "params/trainable": params["trainable"]})
 
     launcher = getattr(trainer.strategy, "_launcher", None)
-    if isinstance(launcher, RunConfigLauncher):  # a hung job killed for a lost rank: recorded first
+    # A job killed for a lost rank while rank zero hangs in a collective: recorded first.
+    if isinstance(launcher, RunConfigLauncher):
         launcher.on_abandon = lambda reason: write_record(output_dir, {
             **record, "status": "failed", "error": f"RankFailure: {reason}", "wall_time_s": time.time() - started})
     try:
@@ -240,6 +242,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             record["compress"] = compressed
             metrics.update(compressed_metrics)
     except BaseException as err:
+        stop_observing_ranks()  # failing on its own: recording it must not be cut short
         record.update(
             status=_status_of(err),
             error=f"{type(err).__name__}: {err}",
@@ -252,6 +255,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         write_record(output_dir, record)
         finish_wandb_runs(loggers, exit_code=1)
         raise
+    stop_observing_ranks()
     finish_wandb_runs(loggers)
 
     ckpt_cb = trainer.checkpoint_callback

@@ -55,6 +55,22 @@ def test_rank_zero_ending_the_job_itself_is_not_killed(monkeypatch):
     main.kill()
 
 
+def test_rank_zero_past_its_collectives_is_not_killed(monkeypatch):
+    # train.run calls stop_observing_ranks as soon as it is failing (or done) on its own: the
+    # record writing, W&B upload and finish_launched_ranks after it may take any time.
+    monkeypatch.setattr(launch, "FAILED_RANK_GRACE_S", 0.5)
+    main = _sleeper()
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    observer, finishing = _observe([failed], main)
+    launcher = type("Launcher", (), {"finishing": finishing})()
+    monkeypatch.setattr(launch, "_LAUNCHED", [launcher])
+    launch.stop_observing_ranks()
+    failed.wait()
+    observer.join(timeout=60)
+    assert not observer.is_alive() and main.poll() is None
+    main.kill()
+
+
 def test_a_job_whose_ranks_all_succeed_ends_the_observer():
     main = _sleeper()
     done = subprocess.Popen([sys.executable, "-c", "pass"])

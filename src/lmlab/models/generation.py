@@ -47,9 +47,10 @@ def inference_context(model: nn.Module):
 
 
 def all_rows_done(done: Tensor, sharded: bool) -> bool:
-    """`done.all()` read on the host; for a sharded model, every rank's (all ranks decode the
-    same evaluation batches, but a kernel's nondeterminism on one GPU could finish a row there
-    only): a rank stopping alone would leave the others waiting in their next forward."""
+    """`done.all()` read on the host; for a sharded model, every rank's: each rank decodes its
+    own share of an evaluation split (`lmlab.data.eval_sharding`), whose rows end at different
+    steps, and each forward is a collective, so a rank stopping alone would leave the others
+    waiting in their next forward."""
     flag = done.all()
     if sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         flag = flag.to(torch.int32)  # no MIN over bool in gloo

@@ -127,6 +127,8 @@ class RankObserver(threading.Thread):
                 rank, code = next((i + 1, c) for i, c in enumerate(codes) if c)
                 reason = (f"rank {rank} exited with code {code} and rank zero had not ended the job "
                           f"{FAILED_RANK_GRACE_S:.0f} s later: the job's processes were killed")
+                if self.finishing.is_set():  # rank zero got there meanwhile
+                    return
                 log.error(reason)
                 if self.on_abandon is not None:
                     try:
@@ -139,6 +141,15 @@ class RankObserver(threading.Thread):
                     proc.kill()
                 os.kill(self.main_pid, signal.SIGKILL)
                 return
+
+
+def stop_observing_ranks() -> None:
+    """Rank zero is past the job's collectives and ends the run itself (recording it, then
+    `finish_launched_ranks`): however long that takes, no observer kills it from here on."""
+    for launcher in _LAUNCHED:
+        finishing = getattr(launcher, "finishing", None)
+        if finishing is not None:
+            finishing.set()
 
 
 def finish_launched_ranks(grace_s: float = 300.0) -> None:
