@@ -127,10 +127,11 @@ class Seq2SeqTask(LMTask):
         self.eval_loss.reset()
         self.log(f"{stage}/loss", loss, prog_bar=True)
         self.log(f"{stage}/ppl", torch.exp(loss.clamp(max=50.0)))
-        hyp, ref, tasks = (gather_objects(self._decoded[k]) for k in ("hyp", "ref", "task"))
+        decoded = gather_objects(list(zip(*(self._decoded[k] for k in ("hyp", "ref", "task")))))
         self._decoded = {"hyp": [], "ref": [], "task": []}
-        if not hyp:
+        if not decoded:
             return
+        hyp, ref, tasks = (list(column) for column in zip(*decoded))
         for name, value in corpus_scores(hyp, ref).items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "bleu")
         correct = [normalise(h) == normalise(r) for h, r in zip(hyp, ref)]
