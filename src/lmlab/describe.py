@@ -15,15 +15,17 @@ Numbers (T = `seq_len`, default `max_seq_len`; all per token unless said otherwi
         S = keys a query is scored against: T (causal masking is not discounted: the PaLM /
         nanoGPT MFU convention, and what `FlopCounterMode` counts for attention's matmuls -- on
         CPU it does not see SDPA's fused kernel at all, so compare with attn_impl=eager); a
-        sliding window W caps S at W (+ global tokens), 2W-1 bidirectional; cross-attention
-        scores S = T source keys
+        sliding window is a mask over the T keys, so it is not discounted either (its KV cache
+        below does keep W positions only); cross-attention scores S = T source keys
       + ssm_scan: (9·d_state + 2)·d_inner per Mamba layer (mamba_ssm's selective-scan count:
         discretise, update, read out, plus the D skip and the z gate; lmlab's chunked scan
         does its own, different, arithmetic).
   Biases, norms, activations and softmax are not counted (O(d) per token, under 1%).
   forward_backward = forward + backward, backward = 2·forward for attention and scan, and for
   each matmul its input gradient (= its forward) plus its weight gradient (= its forward) when
-  the weight trains: 3·forward for a fully trained model, less under PEFT.
+  the weight trains: 3·forward for a fully trained model, less under PEFT, where autograd
+  computes no gradient below the lowest trainable parameter (`lmlab.flops.gradient_flow`:
+  a frozen backbone under a classifier head runs forward only).
   encoder_decoder: `per_source_token` (encoder, and the decoder's cross-attention K/V
   projections) and `per_target_token` (decoder, output layer); the headline number is their
   mean, i.e. per token of a T-source + T-target pair. Encoders count the MLM head at every
@@ -48,7 +50,13 @@ import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.flops import attention_keys, flops_per_token, matmul_weights
+from lmlab.flops import (
+    attention_keys,
+    backward_shares,
+    flops_per_token,
+    matmul_flops,
+    matmul_weights,
+)
 from lmlab.models.accounting import parameter_report
 from lmlab.models.builder import build_backbone
 from lmlab.models.config import ModelConfig
@@ -78,7 +86,7 @@ def describe(config: ModelConfig, backbone: nn.Module | None = None, seq_len: in
     params["embedding"] = sum(m.weight.numel() for m in backbone.modules()
                               if isinstance(m, _EMBEDDING_TYPES))
     matmul = matmul_weights(backbone, config)
-    params["matmul_per_token"] = round(sum(w for w, _ in matmul.values()))
+    params["matmul_per_token"] = round(sum(m.weights for m in matmul.values()))
     return {
         "family": config.family,
         "seq_len": T,
@@ -128,11 +136,12 @@ def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,
     head_dim = hf.get("head_dim") or width // heads
     kv_heads = hf.get("num_key_value_heads") or heads
     window = hf.get("sliding_window")
-    keys = min(T, window) if window else T
+    keys = min(T, window) if window else T  # what the KV cache keeps; scores cover all T
     mm = [v for v in matmul.values()]
-    attention = 4 * heads * head_dim * keys * n_layers
-    forward = 2 * sum(w for w, _ in mm) + attention
-    backward = sum(2 * w * (2 if trains else 1) for w, trains in mm) + 2 * attention
+    attention = 4 * heads * head_dim * T * n_layers
+    mm_forward, mm_backward = matmul_flops(mm)
+    forward = mm_forward + attention
+    backward = mm_backward + 2 * attention * backward_shares(matmul)["self"]
     kv = 2 * kv_heads * head_dim * n_layers
     return {
         "family": "decoder", "seq_len": T, "hf_architecture": (hf.get("architectures") or [None])[0],
@@ -141,7 +150,7 @@ def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,
         "parameters": {"total": total, "trainable": trainable, "active_per_token": total,
                        "embedding": sum(m.weight.numel() for m in backbone.modules()
                                         if isinstance(m, _EMBEDDING_TYPES)),
-                       "matmul_per_token": round(sum(w for w, _ in mm))},
+                       "matmul_per_token": round(sum(m.weights for m in mm))},
         "flops_per_token": {"forward": round(forward), "forward_backward": round(forward + backward),
                             "matmul": round(forward - attention), "attention": attention,
                             "ssm_scan": 0},

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -18,23 +18,100 @@ from lmlab.models.config import ModelConfig
 _VIRTUAL_TOKEN_ENCODERS = {"prefix_encoder", "prompt_encoder"}
 
 
-def matmul_weights(backbone: nn.Module, config: ModelConfig | None) -> dict[str, tuple[float, bool]]:
-    """Module name -> (weights one token multiplies with, whether they train); `_side`
-    sorts the names into source/target for encoder-decoders. MoE experts count by the share
-    of experts a token visits; transformers' Conv1D (GPT-2) is a Linear stored transposed."""
+class Matmul(NamedTuple):
+    """One weight matrix's share of a token's products (see `matmul_weights`)."""
+
+    weights: float  # multiply-adds one token makes with it (MoE experts: by the share visited)
+    trains: bool  # its weight gets a gradient
+    input_grad: bool = True  # its input needs a gradient (something upstream trains)
+
+
+def _weight_numel(module: nn.Module) -> int:
+    """Elements of the weight as multiplied: an `nn.Linear`'s in x out whatever its storage
+    (bitsandbytes packs two 4-bit weights a byte; DeepSpeed ZeRO-3 empties partitioned weights,
+    keeping their size in `ds_numel`)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features
+    return getattr(module.weight, "ds_numel", None) or module.weight.numel()
+
+
+def matmul_weights(backbone: nn.Module, config: ModelConfig | None) -> dict[str, Matmul]:
+    """Module name -> `Matmul` for every Linear / Conv1d; `_side` sorts the names into
+    source/target for encoder-decoders. MoE experts count by the share of experts a token
+    visits; transformers' Conv1D (GPT-2) is a Linear stored transposed. `input_grad` follows
+    `gradient_flow`."""
     share = 1.0 if config is None else experts_per_token(config) / config.n_experts
-    found: dict[str, tuple[float, bool]] = {}
+    flow = gradient_flow(backbone)
+    found: dict[str, Matmul] = {}
     for name, module in backbone.named_modules():
         if not (isinstance(module, (nn.Linear, nn.Conv1d)) or type(module).__name__ == "Conv1D"):
             continue
         if _VIRTUAL_TOKEN_ENCODERS & set(name.split(".")):
             continue  # runs on the P virtual tokens once per batch, not on every token
-        # DeepSpeed ZeRO-3 empties partitioned weights and keeps their size in `ds_numel`.
-        numel = getattr(module.weight, "ds_numel", None) or module.weight.numel()
-        count = float(numel) * (share if ".experts." in name else 1.0)
-        found[name] = (count, bool(module.weight.requires_grad))
+        count = float(_weight_numel(module)) * (share if ".experts." in name else 1.0)
+        found[name] = Matmul(count, bool(module.weight.requires_grad), flow.get(name, True))
     return found
 
+
+def _trains_here(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def gradient_flow(backbone: nn.Module) -> dict[str, bool]:
+    """Module name -> whether the module's input needs a gradient in a training step, i.e.
+    whether anything it depends on trains. Autograd computes no input gradient (and no
+    attention or scan backward) below the lowest trainable parameter: a frozen backbone under
+    a classifier head runs no backward at all, LoRA on the output layer only none in the body.
+
+    Read in module order, which is data-flow order in lmlab's models (embeddings, layers in
+    turn, the output layer): a module's input needs a gradient once a module before it trains
+    (its own parameters come after its input), except that projections reading the same input
+    (q/k/v, gate/up) all see the flow as it was at the first of them: an adapted q_proj does
+    not give k_proj's input a gradient. Prompt tuning's soft prompt trains in front of the first layer; prefix
+    tuning's keys in every attention layer (its output projection on). Encoder-decoders carry
+    two flows: the source's (embeddings, encoder) reaches the decoder through the
+    cross-attention keys/values, the target's through the decoder."""
+    prompt, prefix = virtual_tokens(backbone)
+    trained = {name for name, m in backbone.named_modules() if _trains_here(m)}
+    two_flows = isinstance(getattr(backbone, "decoder", None), nn.Module) and isinstance(
+        getattr(backbone, "encoder", None), nn.Module)
+    source_modules = ("encoder.",) if two_flows else ()
+    shared = {"embed_tokens", "soft_prompt"}
+    # The soft prompt goes in front of the source (encoder-decoders) or of the input.
+    flows = {"source": bool(prompt), "target": bool(prompt) and not two_flows}
+    hf_prefix = bool(prefix) and getattr(backbone, "prefix_encoder", None) is None
+    if hf_prefix:  # peft's prefix: its keys enter every layer, the first one included
+        flows = {"source": True, "target": True}
+    out: dict[str, bool] = {}
+    at_group_start: dict[tuple[str, str], dict[str, bool]] = {}
+    for name, _ in backbone.named_modules():
+        if not name:
+            continue
+        base = _ADAPTER_PARTS.sub("", name)
+        if prefix and base.endswith("attn.o_proj"):
+            # The attention over the prefix keys trains them.
+            flows["source" if base.startswith(source_modules) else "target"] = True
+        if base.endswith("cross_attn.o_proj") and flows["source"]:
+            flows["target"] = True  # the memory's gradient comes back through it
+        parent, _, leaf = base.rpartition(".")
+        seen = flows
+        # A LoRA B matrix reads its A's output, not the shared input.
+        if leaf in _SHARED_INPUT and not _LORA_B.search(name):
+            seen = at_group_start.setdefault((parent, _SHARED_INPUT[leaf]), dict(flows))
+        out[name] = seen[_side(name) if two_flows else "target"]
+        if name in trained:
+            top = name.split(".")[0]
+            if top in shared:
+                flows["source"] = flows["target"] = True
+            else:
+                flows["source" if name.startswith(source_modules) else "target"] = True
+    return out
+
+
+# Projections that read one input side by side, by group.
+_SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
+                 "up_proj": "gate_up"}
+_LORA_B = re.compile(r"\.lora_B(\.\w+)?$")
 
 # What peft puts under an adapted Linear (`k_proj.base_layer`, `k_proj.lora_A.default`, ...).
 _ADAPTER_PARTS = re.compile(r"\.(base_layer|lora_\w+|lora_magnitude_vector|ia3_\w+)(\.\w+)?$")
@@ -49,32 +126,65 @@ def _side(name: str) -> str:
 
 
 def attention_keys(config: ModelConfig, T: int, causal: bool) -> int:
+    """Keys a query can see: T, or a sliding window's reach (what a KV cache keeps). The FLOP
+    counts score all T keys: the window is a mask over them, computed like causal masking."""
     if config.sliding_window is None:
         return T
     reach = config.sliding_window if causal else 2 * config.sliding_window - 1
     return min(T, reach + config.global_tokens)
 
 
-def _matmul_flops(matmul: Iterable[tuple[float, bool]]) -> tuple[float, float]:
-    """(forward, backward) FLOPs per token of (weights, trains) products: the backward is the
-    input gradient, plus the weight gradient where the weight trains."""
+def matmul_flops(matmul: Iterable[Matmul]) -> tuple[float, float]:
+    """(forward, backward) FLOPs per token of the products: the backward is the input gradient
+    where the input needs one, plus the weight gradient where the weight trains."""
     matmul = list(matmul)
-    return (2 * sum(w for w, _ in matmul),
-            sum(2 * w * (2 if trains else 1) for w, trains in matmul))
+    return (2 * sum(m.weights for m in matmul),
+            sum(2 * m.weights * (m.trains + m.input_grad) for m in matmul))
 
 
-def _stack_flops(config: ModelConfig, matmul: list[tuple[float, bool]], n_attention: int,
-                 keys: int, n_mamba: int, cross_keys: int = 0, n_cross: int = 0) -> dict[str, float]:
-    mm_forward, mm_backward = _matmul_flops(matmul)
+# The output projections of attention and Mamba mixers: whether their input needs a gradient
+# says whether the scores / the scan before them run backward (lmlab's names, and the common
+# ones of transformers' causal LMs for model=hf).
+_MIXER_OUTPUTS = {
+    "cross": re.compile(r"(^|\.)cross_attn\.o_proj$"),
+    "self": re.compile(r"(^|\.)(attn|self_attn|attention)\.(o_proj|c_proj|out_proj|dense)$"),
+    "mamba": re.compile(r"(^|\.)mamba\.out_proj$"),
+}
+
+
+def backward_shares(matmul: dict[str, Matmul], names: Iterable[str] | None = None
+                    ) -> dict[str, float]:
+    """Share of the self-attention, cross-attention and Mamba layers (among `names`, default
+    all) that run a backward pass, from their output projections' `input_grad`; 1.0 where no
+    such projection is found."""
+    names = list(matmul if names is None else names)
+    shares = {}
+    for kind, pattern in _MIXER_OUTPUTS.items():
+        # ("cross_attn.o_proj" is not a self-attention match: "attn" must follow a dot.)
+        flags = [matmul[n].input_grad for n in names if pattern.search(_ADAPTER_PARTS.sub("", n))]
+        shares[kind] = sum(flags) / len(flags) if flags else 1.0
+    return shares
+
+
+def _stack_flops(config: ModelConfig, matmul: list[Matmul], n_attention: int,
+                 keys: int, n_mamba: int, cross_keys: int = 0, n_cross: int = 0,
+                 backward: dict[str, float] | None = None) -> dict[str, float]:
+    """`backward`: the shares of the layers of each kind that run backward (`backward_shares`)."""
+    backward = backward or {}
+    mm_forward, mm_backward = matmul_flops(matmul)
     per_layer = 4 * config.n_heads * config.head_dim
-    attention = per_layer * (n_attention * keys + n_cross * cross_keys)
+    self_attention, cross_attention = per_layer * n_attention * keys, per_layer * n_cross * cross_keys
+    attention = self_attention + cross_attention
     scan = n_mamba * (9 * config.d_state + 2) * config.d_inner
     forward = mm_forward + attention + scan
-    return {"forward": forward, "forward_backward": forward + mm_backward + 2 * (attention + scan),
+    backward_rest = 2 * (self_attention * backward.get("self", 1.0)
+                         + cross_attention * backward.get("cross", 1.0)
+                         + scan * backward.get("mamba", 1.0))
+    return {"forward": forward, "forward_backward": forward + mm_backward + backward_rest,
             "matmul": mm_forward, "attention": attention, "ssm_scan": scan}
 
 
-def flops_per_token(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: int) -> dict[str, Any]:
+def flops_per_token(config: ModelConfig, matmul: dict[str, Matmul], T: int) -> dict[str, Any]:
     if config.family != "encoder_decoder":
         return {k: round(v) for k, v in _side_flops(config, matmul, T)["target"].items()}
     sides = _side_flops(config, matmul, T, T)
@@ -85,7 +195,7 @@ def flops_per_token(config: ModelConfig, matmul: dict[str, tuple[float, bool]], 
     return out
 
 
-def _side_flops(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: int,
+def _side_flops(config: ModelConfig, matmul: dict[str, Matmul], T: int,
                 S: int | None = None, prefix_keys: int = 0,
                 prefix_cross_keys: int = 0) -> dict[str, dict[str, float]]:
     """Per-token FLOPs of each side: "target" (a decoder's or encoder's tokens, T of them per
@@ -94,17 +204,20 @@ def _side_flops(config: ModelConfig, matmul: dict[str, tuple[float, bool]], T: i
     self-attention / cross-attention layer scores in addition (prefix tuning's virtual keys)."""
     mixers = config.layer_mixers
     if config.family != "encoder_decoder":
-        causal = config.family == "decoder"
-        keys = attention_keys(config, T, causal) + prefix_keys
+        keys = T + prefix_keys
         return {"target": _stack_flops(config, list(matmul.values()), mixers.count("attention"),
-                                       keys, mixers.count("mamba"))}
+                                       keys, mixers.count("mamba"),
+                                       backward=backward_shares(matmul))}
     S = T if S is None else S
     n_dec = config.n_decoder_layers or config.n_layers
-    source = _stack_flops(config, [v for k, v in matmul.items() if _side(k) == "source"],
-                          config.n_layers, attention_keys(config, S, False) + prefix_keys, 0)
-    target = _stack_flops(config, [v for k, v in matmul.items() if _side(k) == "target"],
-                          n_dec, attention_keys(config, T, True) + prefix_keys, 0,
-                          cross_keys=S + prefix_cross_keys, n_cross=n_dec)
+    sides = {side: [k for k in matmul if _side(k) == side] for side in ("source", "target")}
+    source = _stack_flops(config, [matmul[k] for k in sides["source"]],
+                          config.n_layers, S + prefix_keys, 0,
+                          backward=backward_shares(matmul, sides["source"]))
+    target = _stack_flops(config, [matmul[k] for k in sides["target"]],
+                          n_dec, T + prefix_keys, 0,
+                          cross_keys=S + prefix_cross_keys, n_cross=n_dec,
+                          backward=backward_shares(matmul, sides["target"]))
     return {"source": source, "target": target}
 
 
@@ -130,8 +243,9 @@ class TrainingFlops:
         self.backbone = backbone
         self._hf = bool(getattr(config, "hf_path", None))
         matmul = matmul_weights(backbone, None if self._hf else config)
-        self.matmul = {k: ((w * head_fraction, t) if _HEAD_MODULES & set(k.split(".")) else (w, t))
-                       for k, (w, t) in matmul.items()}
+        self.matmul = {k: (m._replace(weights=m.weights * head_fraction)
+                           if _HEAD_MODULES & set(k.split(".")) else m)
+                       for k, m in matmul.items()}
         # Prompt tuning's soft prompt adds positions in front of each (source) sequence, prefix
         # tuning keys to every self-attention layer: computed, so counted.
         self.prompt_positions, self.prefix_keys = virtual_tokens(backbone)
@@ -160,24 +274,20 @@ class TrainingFlops:
             from lmlab.describe import describe  # describe uses this module's arithmetic
 
             reference = describe(config, backbone)
-            self._hf_window = (reference.get("kv_cache") or {}).get("window")
             self._hf_attention_per_key = (reference["flops_per_token"]["attention"]
-                                          / self._hf_keys(reference["seq_len"]))
+                                          / reference["seq_len"])
         self._cache: dict[tuple[int, int | None], float] = {}
-
-    def _hf_keys(self, T: int) -> int:
-        return min(T, self._hf_window) if self._hf_window else T
 
     def batch(self, B: int, T: int, S: int | None = None) -> float:
         key = (T, S)
         if key not in self._cache:
             if self._hf:
                 T_run = T + self.prompt_positions
-                attention = self._hf_attention_per_key * (self._hf_keys(T_run) + self.prefix_keys)
-                mm_forward, mm_backward = _matmul_flops(self.matmul.values())
+                attention = self._hf_attention_per_key * (T_run + self.prefix_keys)
+                mm_forward, mm_backward = matmul_flops(self.matmul.values())
                 per_token = mm_forward + attention
                 if self._kind == "forward_backward":
-                    per_token += mm_backward + 2 * attention
+                    per_token += mm_backward + 2 * attention * backward_shares(self.matmul)["self"]
                 # peft's prompt tuning keeps the virtual positions' logits: all T_run positions.
                 self._cache[key] = per_token * T_run + self._per_sequence
             elif self.config.family == "encoder_decoder":
@@ -197,7 +307,7 @@ class TrainingFlops:
 
     def _head_flops(self) -> float:
         """FLOPs per position of the output layer (head_fraction applied)."""
-        forward, backward = _matmul_flops(v for k, v in self.matmul.items()
+        forward, backward = matmul_flops(v for k, v in self.matmul.items()
                                           if _HEAD_MODULES & set(k.split(".")))
         return forward + (backward if self._kind == "forward_backward" else 0.0)
 

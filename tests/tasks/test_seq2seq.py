@@ -71,3 +71,18 @@ def test_beam_search_and_config_errors(synthetic):
         _task(synthetic, num_beams=0)
     with pytest.raises(ConfigError, match="task.label_smoothing"):
         _task(synthetic, label_smoothing=1.0)
+
+
+def test_flops_count_the_output_layer_rows_the_fused_loss_multiplies(synthetic):
+    # The fused loss uses lm_head.weight[:vocab]: the rows that pad the vocabulary are not
+    # multiplied, so ThroughputMonitor does not count them; a LoRA-adapted head computes all.
+    from lmlab.peft.lora import LoRA
+
+    task = _task(synthetic)
+    padded = task.backbone.lm_head.weight.shape[0]
+    assert padded > synthetic.tokenizer.vocab_size
+    assert task.flops_head_fraction == pytest.approx(synthetic.tokenizer.vocab_size / padded)
+    adapted = LoRA(target_modules=["lm_head"]).apply(
+        tiny_backbone("encoder_decoder", synthetic.tokenizer.vocab_size, position="sinusoidal"))
+    task = Seq2SeqTask(adapted, synthetic.tokenizer, adamw(), **synthetic.task_kwargs())
+    assert task.flops_head_fraction == 1.0

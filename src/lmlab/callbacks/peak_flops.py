@@ -53,6 +53,9 @@ def device_peak(device_name: str, precision: str) -> tuple[str | None, float | N
     """(the table's name for the device, its peak TFLOP/s at `precision`), None when unknown."""
     for pattern, name, peaks in PEAK_TFLOPS:
         if re.search(pattern, device_name):
+            if precision == "tf32" and "tf32" not in peaks:
+                # A GPU without TF32 (V100) runs fp32 matmuls whatever torch was asked for.
+                return f"{name} (no TF32: its fp32 peak)", peaks.get("fp32")
             return name, peaks.get(precision)
     return None, None
 

@@ -21,9 +21,10 @@ and summarised over the whole run (`summary()`, written to `metrics.json` under
 - MFU = achieved / (peak × devices), the peak from `peak_flops.PEAK_TFLOPS` for the GPU and
   the trainer's precision, or `peak_tflops` (per device) for anything else; null with a note
   when neither is known (e.g. a CPU without `peak_tflops`).
-- The first `warmup_steps` batches (compilation, allocator and cache warm-up), the time
-  spent in validation and the time spent saving checkpoints are left out; batch-to-batch
-  intervals include data loading. (Counting a 1.5 GB checkpoint save once halved the tokens/s
+- The batches of the first `warmup_steps` optimizer steps (compilation, allocator and cache
+  warm-up; with gradient accumulation a step is several batches), the time spent in validation
+  and the time spent saving checkpoints are left out; batch-to-batch intervals include data
+  loading. `batches_measured` in the summary counts the batches (micro-batches) in the means. (Counting a 1.5 GB checkpoint save once halved the tokens/s
   of a 250-step 124M run on an H100.)
 """
 
@@ -119,6 +120,9 @@ class ThroughputMonitor(L.Callback):
         self._window = _Window()
         self._warmup = _Window()
         self._seen = 0
+        self._start_step = 0  # the optimizer step training (re)started at
+        self._batch_step = 0  # optimizer steps done when the current batch started
+        self._in_warmup = self.warmup_steps > 0  # the last accounted batch was a warm-up one
         self._first_start: float | None = None
         self._last: float | None = None
         self._logged_step = -1
@@ -164,19 +168,33 @@ class ThroughputMonitor(L.Callback):
         # of its own to log: the micro-batches accumulating towards the next step would
         # otherwise be logged as one at their first batch end.
         self._logged_step = trainer.global_step
+        self._start_step = trainer.global_step
 
     def _sync_now(self) -> float:
         if self._cuda is not None:
             torch.cuda.synchronize(self._cuda)
         return time.perf_counter()
 
+    def _warm(self) -> bool:
+        """Whether the current batch belongs to one of the first `warmup_steps` steps."""
+        return self._batch_step - self._start_step < self.warmup_steps
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._pending = batch
+        self._batch_step = trainer.global_step
         if self._first_start is None:
             self._first_start = time.perf_counter()
+            if not self._warm():
+                self._last = self._first_start  # no warm-up: the first batch is measured too
         elif self._last is None and self._seen:
             # After a pause (validation, a checkpoint save): measure from this batch on.
             self._last = time.perf_counter()
+        elif self._in_warmup and not self._warm() and self._last is not None:
+            # The first measured batch: on CUDA, the warm-up's queued work (compilation's
+            # first runs) is waited for and left in the warm-up.
+            now = self._sync_now()
+            self._warmup.add(now - self._last)
+            self._last = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._accounted_by_save:  # a save in an earlier callback's hook took it
@@ -202,7 +220,8 @@ class ThroughputMonitor(L.Callback):
             flops += self._teacher_flops.batch(B, T, S)
         now = time.perf_counter()
         self._seen += 1
-        if self._seen <= self.warmup_steps or self._last is None:
+        self._in_warmup = self._warm() or self._last is None
+        if self._in_warmup:
             start = next((t for t in (self._last, self._first_start) if t is not None), now)
             self._warmup.add(now - start, tokens, B, flops, 1)
             self._last = now
@@ -233,7 +252,7 @@ class ThroughputMonitor(L.Callback):
         if self._cuda is None or self._last is None:
             return
         now = self._sync_now()
-        windows = (self._warmup,) if self._seen <= self.warmup_steps else (self._window, self._total)
+        windows = (self._warmup,) if self._in_warmup else (self._window, self._total)
         for window in windows:
             window.add(now - self._last)
         self._last = now
@@ -297,7 +316,7 @@ class ThroughputMonitor(L.Callback):
             window = warmup
             note = "; ".join(filter(None, [note, "only warm-up batches ran: includes warm-up"]))
         out: dict[str, Any] = dict(self._rates(window))
-        out.update(self._info, note=note, steps_measured=window.batches,
+        out.update(self._info, note=note, batches_measured=window.batches,
                    seconds_measured=window.seconds,
                    flops_per_token=window.flops / window.tokens if window.tokens and self._flops else None)
         return out

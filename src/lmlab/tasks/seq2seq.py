@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from lmlab.data.collate import IGNORE_INDEX
 from lmlab.data.eval_sharding import share_of_decoding
 from lmlab.errors import ConfigError
+from lmlab.models.layers.fused_cross_entropy import fusable_head
 from lmlab.models.seq2seq_generation import generate_seq2seq
 from lmlab.tasks.base import LMTask, RatioMeter
 from lmlab.tasks.text_metrics import accuracy_by_task, corpus_scores, gather_objects, normalise
@@ -69,6 +70,15 @@ class Seq2SeqTask(LMTask):
         self.eval_max_batches_decoded = eval_max_batches_decoded
         self.eval_loss = RatioMeter()
         self._decoded: dict[str, list] = {"hyp": [], "ref": [], "task": []}
+
+    @property
+    def flops_head_fraction(self) -> float:
+        """The share of the output layer the training step multiplies (ThroughputMonitor's
+        FLOPs): the fused loss uses the real vocabulary's rows only, not the padding's."""
+        head = getattr(self.backbone, "lm_head", None)
+        if getattr(self.backbone, "accepts_labels", False) and head is not None and fusable_head(head):
+            return min(1.0, self.tokenizer.vocab_size / head.weight.shape[0])
+        return 1.0
 
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         return self.run_backbone(src_ids, src_mask, tgt_in)

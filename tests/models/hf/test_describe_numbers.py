@@ -91,7 +91,8 @@ def test_kv_cache_bytes_gqa_window_and_ssm():
     assert gqa["bytes_per_token"]["fp32"] * 4 == mha["bytes_per_token"]["fp32"]
     window = describe(ModelConfig(**TINY, sliding_window=8))
     assert window["kv_cache"]["bytes_at_seq_len"]["16bit"] == 8 * mha["bytes_per_token"]["16bit"]
-    assert window["flops_per_token"]["attention"] == 2 * 4 * 64 * 8
+    # The window is a mask over the T keys: their scores are computed, as under causal masking.
+    assert window["flops_per_token"]["attention"] == 2 * 4 * 64 * T
     assert describe(ModelConfig(**TINY, family="encoder"))["kv_cache"] is None
     hybrid = describe(ModelConfig(**TINY, layer_pattern="MA"))
     assert hybrid["kv_cache"]["attention_layers"] == 1
