@@ -6,14 +6,18 @@ outputs are checked equal, then training tokens/s (fp32, eager, fused AdamW on b
 are compared, each side computing its loss the way its users do:
 
 - bert: the mlm task's step (backbone, MLM head on the 15% chosen positions only, fp32
-  cross-entropy) vs `BertForMaskedLM(input_ids, attention_mask, labels=...)`.
-- t5: the seq2seq task's step (logits, fp32 cross-entropy) vs
+  cross-entropy) vs `BertForMaskedLM(input_ids, attention_mask, labels=...)`, which runs its
+  head on every position. A second row gives HF's head the same chosen positions (`hf.cls`
+  on the gathered hidden states): the same work on both sides, the model code compared.
+- t5: the seq2seq task's step (the fused output layer + loss over the real vocabulary) vs
   `T5ForConditionalGeneration(input_ids, attention_mask, decoder_input_ids, labels)`.
 Tokens are input positions: all of them for bert, source + target for t5 (S = T = seq_len).
+The losses of the timed steps are checked equal before anything is timed.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 
@@ -46,7 +50,10 @@ def _check(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
 
 
 def _compare(size: Size, name: str, lmlab, hf, lmlab_step, hf_step, tokens: int,
-             diff: float, device: torch.device | str = "cpu") -> Row:
+             diff: float, device: torch.device | str = "cpu", what: str = "") -> Row:
+    loss_diff = (lmlab_step() - hf_step()).abs().item()  # the timed code paths, with autograd
+    if loss_diff > 1e-4:
+        raise AssertionError(f"{name}: lmlab and HF losses differ by {loss_diff}")
     optimizers = {k: adamw(m) for k, m in (("lmlab", lmlab), ("hf", hf))}
     steps = {"lmlab": lmlab_step, "hf": hf_step}
 
@@ -58,11 +65,12 @@ def _compare(size: Size, name: str, lmlab, hf, lmlab_step, hf_step, tokens: int,
 
     times = interleaved({k: (lambda k=k: run(k)) for k in steps}, size.repeats, device=device)
     tok = {k: tokens * size.steps / t for k, t in times.items()}
-    return rate_row(name, "training tok/s, fp32 eager", tok["lmlab"], tok["hf"], GOAL,
-                    [f"outputs equal to {diff:.0e}"], cpu_speedup(), paired_speedup())
+    return rate_row(name, f"training tok/s, fp32 eager{what}", tok["lmlab"], tok["hf"], GOAL,
+                    [f"outputs equal to {diff:.0e}, losses to {loss_diff:.0e}"], cpu_speedup(),
+                    paired_speedup())
 
 
-def bert_row(size: Size, device: torch.device | str = "cpu") -> Row:
+def bert_rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
@@ -88,8 +96,23 @@ def bert_row(size: Size, device: torch.device | str = "cpu") -> Row:
     def hf_step():
         return hf(ids, attention_mask=mask, labels=labels).loss
 
-    return _compare(size, "bert vs BertForMaskedLM", lmlab, hf, lmlab_step, hf_step,
-                    size.tokens, diff, device)
+    def hf_same_positions_step():
+        hidden = hf.bert(ids, attention_mask=mask)[0]
+        return F.cross_entropy(hf.cls(hidden[chosen]).float(), ids[chosen])
+
+    # The second row starts from the same weights as the first (its training steps moved
+    # both models: Adam makes their float rounding differences grow).
+    start = [copy.deepcopy(m.state_dict()) for m in (lmlab, hf)]
+    as_run = _compare(size, "bert vs BertForMaskedLM", lmlab, hf, lmlab_step, hf_step,
+                      size.tokens, diff, device, "; lmlab's MLM head on the 15 % masked "
+                      "positions (the mlm task), HF's on every position (BertForMaskedLM with "
+                      "labels=)")
+    for model, state in zip((lmlab, hf), start, strict=True):
+        model.load_state_dict(state)
+    return [as_run, _compare(size, "bert vs BertForMaskedLM", lmlab, hf, lmlab_step,
+                             hf_same_positions_step, size.tokens, diff, device,
+                             "; same work: HF's head on the same masked positions (hf.cls on "
+                             "the gathered states)")]
 
 
 def t5_row(size: Size, device: torch.device | str = "cpu") -> Row:
@@ -124,4 +147,4 @@ def t5_row(size: Size, device: torch.device | str = "cpu") -> Row:
 
 
 def rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
-    return [bert_row(size, device), t5_row(size, device)]
+    return [*bert_rows(size, device), t5_row(size, device)]

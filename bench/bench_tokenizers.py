@@ -163,7 +163,8 @@ def bench(
     # within each timed sample, so timer and scheduler jitter do not swamp it (byte, char).
     start = time.perf_counter()
     last: dict[str, object] = {name: call(prepare()) for name, (prepare, call) in variants.items()}
-    inner = min(50, max(1, round(SAMPLE_S / max((time.perf_counter() - start) / 2, 1e-6))))
+    inner = min(50, max(1, round(SAMPLE_S / max((time.perf_counter() - start) / len(names),
+                                                   1e-6))))
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):

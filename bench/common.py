@@ -87,6 +87,13 @@ class Row:
     # spell of the machine moves far less than the ratio of the two sides' medians.
     paired_ratio: float | None = None
 
+    def refuse(self, reason: str) -> Row:
+        """The two sides did not compute the same thing: the row is not met, whatever the
+        times say, and says why."""
+        self.met = False
+        self.notes.append(f"not comparable: {reason}")
+        return self
+
     @property
     def ratio(self) -> float:
         if self.paired_ratio is not None:
@@ -119,7 +126,8 @@ def time_row(bench: str, what: str, lmlab: float, reference: float, goal: float,
 def paired(times: dict[str, list[tuple[float, float]]], side: str, reference: str,
            column: int = 0) -> float:
     """Median of side[i] / reference[i] over alternating steps i; column 0 = wall, 1 = CPU."""
-    return statistics.median(a[column] / b[column] for a, b in zip(times[side], times[reference]))
+    return statistics.median(a[column] / b[column]
+                             for a, b in zip(times[side], times[reference], strict=True))
 
 
 # Every timed call of the last `interleaved` call, (wall, process CPU) seconds per variant in
@@ -188,7 +196,8 @@ def markdown(rows: list[Row]) -> str:
     lines = ["| bench | comparison | lmlab | reference | ratio | ratio in CPU time | goal | met |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        unit = (lambda v: f"{v:,.0f} tok/s") if r.unit == "tok/s" else (lambda v: f"{v:.4f} s")
+        unit = ((lambda v: f"{v:,.0f} tok/s") if r.unit == "tok/s" else
+                (lambda v: f"{v:.4f} s" if v >= 0.01 else f"{v * 1e3:.3f} ms"))
         fmt = lambda v, unit=unit: "—" if math.isnan(v) else unit(v)  # noqa: E731
         met = "—" if r.met is None else ("yes" if r.met else "no")
         what = r.what + (f" ({'; '.join(r.notes)})" if r.notes else "")

@@ -2,7 +2,7 @@
 decoder step (default: GPT-2 small, T=1024, bf16 autocast, fused AdamW), for several ways of
 compiling it, each measured the same way in one process.
 
-    python -m bench.profile_step --out profile.txt [--batch 16] [--variants eager backbone step]
+    python -m bench.profile_step [--out profile.txt] [--batch 16] [--variants eager backbone step]
 
 Variants: `eager` (no compile); `backbone` (the backbone compiled, the cross-entropy over fp32
 logits outside); `step` (backbone and that loss in one compiled function, so the logits' upcast,
@@ -107,7 +107,9 @@ def measure(variant: str, config: ModelConfig, args: argparse.Namespace,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write the summary lines and kernel tables to this file (they are "
+                   "printed either way)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=50304)
@@ -132,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         torch._dynamo.reset()
-    args.out.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    if args.out is None:
+        print(text)
+    else:
+        args.out.write_text(text)
     return 0
 
 

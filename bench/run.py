@@ -3,7 +3,7 @@
     python -m bench.run                     # CPU dimensions (6 layers, d_model 384, ...), writes bench/results.md
     python -m bench.run --quick             # tiny sizes, a check that everything runs (CI)
     python -m bench.run --only train generate
-    python -m bench.run --device cuda --size gpu   # on a GPU, at a GPU-sized model
+    python -m bench.run --device cuda       # on a GPU, at a GPU-sized model (--size gpu)
 
 Each comparison is measured side by side in this one process (interleaved repeats, median;
 see bench/common.py). Numbers depend on the machine and on what else runs on it: the header
@@ -75,11 +75,12 @@ def _tokenizers(size: Size, quick: bool, device: torch.device) -> list[Row]:
             r = bt.bench(kind, tokenizer, text, TOKENIZER_REPEATS[quick])
             # Ratios: the median of each repeat's own ratio, steadier under load than the ratio
             # of medians, as in every row.
-            rows.append(time_row("tokenizers: lmlab pipeline vs the library", f"{kind}, "
-                                 f"{len(text.encode()) / 2**20:.2f} MiB", r["pipeline"], r["raw"],
-                                 1.1, ([] if r["exact"] else ["ids differ from the reference's"])
-                                 + ([NO_LIBRARY] if kind in ("byte", "char") else []),
-                                 r["paired_cpu"], r["paired"]))
+            learned = "" if kind in ("byte", "char") else f", vocab {bt.VOCAB_SIZE}"
+            row = time_row("tokenizers: lmlab pipeline vs the library", f"{kind}, "
+                           f"{len(text.encode()) / 2**20:.2f} MiB{learned}", r["pipeline"], r["raw"], 1.1,
+                           [NO_LIBRARY] if kind in ("byte", "char") else [], r["paired_cpu"],
+                           r["paired"])
+            rows.append(row if r["exact"] else row.refuse("the ids differ from the reference's"))
     return rows
 
 
@@ -117,12 +118,21 @@ def header(size: Size, size_name: str, device: torch.device, host_memory: str) -
             "to back), in wall and in process CPU time; lmlab and reference columns: medians.")
 
 
-def default_out(device: torch.device, only: list[str] | None) -> Path:
-    """bench/results.md for a full CPU run (the table the README shows); a partial run
-    (`--only`) gets a file of its own, so it never replaces the full table; a CUDA run's
-    table goes to results_cuda_table*.md, beside the hand-written results_cuda.md."""
+def default_out(device: torch.device, only: list[str] | None, size_name: str | None = None
+                ) -> Path:
+    """bench/results.md for a full CPU run at the CPU size (the table the README shows); a
+    partial run (`--only`) or another size gets a file of its own, so it never replaces the
+    full table; a CUDA run's table goes to results_cuda_table*.md, beside the hand-written
+    results_cuda.md (the size is in the name when it is not the device's default)."""
     stem = "results" if device.type == "cpu" else "results_cuda_table"
-    return ROOT / "bench" / f"{stem}{''.join('_' + name for name in only or [])}.md"
+    size = "" if size_name in (None, default_size(device)) else f"_{size_name}"
+    return ROOT / "bench" / f"{stem}{size}{''.join('_' + name for name in only or [])}.md"
+
+
+def default_size(device: torch.device) -> str:
+    """`--size` when none is given: the issue's CPU dimensions on a CPU, the GPT-2-small-sized
+    model on a GPU (the CPU dimensions leave an H100 mostly idle)."""
+    return "gpu" if device.type == "cuda" else "cpu"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (CI: checks it runs); the same as --size quick")
     parser.add_argument("--size", choices=list(SIZES), default=None,
-                        help="cpu: the issue's CPU dimensions (default); gpu: a GPT-2-small-sized "
-                        "model for --device cuda; quick: tiny")
+                        help="cpu: the issue's CPU dimensions (default on a CPU); gpu: a "
+                        "GPT-2-small-sized model (default with --device cuda); quick: tiny")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default) or cuda[:N]: models and batches of every bench but "
                         "tokenizers go there")
@@ -173,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     set_host_memory(args.host_memory)
     if args.threads:
         torch.set_num_threads(args.threads)
-    size_name = "quick" if args.quick else (args.size or "cpu")
+    size_name = "quick" if args.quick else (args.size or default_size(device))
     size = SIZES[size_name]
-    out = args.out or (None if size_name == "quick" else default_out(device, args.only))
+    out = args.out or (None if size_name == "quick" else default_out(device, args.only, size_name))
     rows: list[Row] = []
     started = time.perf_counter()
     for name in args.only or list(BENCHES):

@@ -20,6 +20,9 @@ def test_tokenizer_bench_quick_runs():
                           cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| kind |" in proc.stdout and "| bpe |" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| bpe |")
+            or line.startswith("| byte |")]
+    assert rows and all(line.rstrip(" |").endswith("yes") for line in rows)  # same ids
 
 
 @pytest.mark.timeout(600)
@@ -33,7 +36,8 @@ def test_make_bench_quick_runs_every_bench(tmp_path):
                   "data_pipeline", "tokenizers: lmlab pipeline", "bert vs BertForMaskedLM",
                   "t5 vs T5ForConditionalGeneration"):
         assert f"| {bench}" in table, bench
-    assert "logits equal" in table and "same tokens" in table
+    assert "logits equal" in table and "same tokens: 100%" in table
+    assert "not comparable" not in table  # every row's two sides computed the same thing
     if emulated_bf16("bf16-mixed", "cpu"):  # bf16 also with HF under lmlab.precision
         assert "bf16 eager (equal kernels" in table
     assert "torch threads" in table.splitlines()[0]  # the header names the machine
@@ -76,3 +80,8 @@ def test_partial_and_cuda_runs_never_replace_the_full_tables():
     assert default_out(cpu, ["train"]) == ROOT / "bench" / "results_train.md"
     assert default_out(cuda, None) == ROOT / "bench" / "results_cuda_table.md"
     assert default_out(cuda, ["loops", "encoders"]).name == "results_cuda_table_loops_encoders.md"
+    # Another size than the device's default never replaces the README's tables.
+    assert default_out(cpu, None, "gpu").name == "results_gpu.md"
+    assert default_out(cpu, None, "cpu").name == "results.md"
+    assert default_out(cuda, None, "gpu").name == "results_cuda_table.md"
+    assert default_out(cuda, ["train"], "cpu").name == "results_cuda_table_cpu_train.md"
