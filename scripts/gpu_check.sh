@@ -53,7 +53,7 @@ json.dump({"throughput": t, "memory": record.get("memory"), "params": record.get
           open(sys.argv[2], "w"), indent=1)
 mfu = t.get("mfu")
 print(f"  {t.get('tokens_per_sec', 0):,.0f} tok/s  {t.get('tflops_per_sec') or 0:.1f} TFLOP/s  "
-      f"MFU {mfu if mfu is None else f'{mfu:.1%}'}  steps {t.get('steps_measured')}  "
+      f"MFU {mfu if mfu is None else f'{mfu:.1%}'}  batches {t.get('batches_measured')}  "
       f"peak {t.get('peak_tflops')} ({t.get('peak_source')})  cuda peak "
       f"{(record.get('memory') or {}).get('cuda_peak_allocated_bytes', 0) / 2**30:.1f} GiB")
 EOF
@@ -76,6 +76,8 @@ part_mfu() {
 }
 
 part_bench() {
+  # At the default GPU size the whole bench takes longer than one 600 s device command: give
+  # parts, e.g. BENCH_ARGS="--only train" in one call, "--only generate loops encoders" in another.
   timeout ${BENCH_TIMEOUT:-400} $PY -m bench.run --device cuda ${BENCH_ARGS:-} --out "$OUT/bench_cuda.md" 2>&1 | tail -40
 }
 

@@ -24,7 +24,7 @@ Numbers (T = `seq_len`, default `max_seq_len`; all per token unless said otherwi
   forward_backward = forward + backward, backward = 2·forward for attention and scan, and for
   each matmul its input gradient (= its forward) plus its weight gradient (= its forward) when
   the weight trains: 3·forward for a fully trained model, less under PEFT, where autograd
-  computes no gradient below the lowest trainable parameter (`lmlab.flops.gradient_flow`:
+  computes no gradient below the lowest trainable parameter (`lmlab.gradient_flow`:
   a frozen backbone under a classifier head runs forward only).
   encoder_decoder: `per_source_token` (encoder, and the decoder's cross-attention K/V
   projections) and `per_target_token` (decoder, output layer); the headline number is their
@@ -56,6 +56,7 @@ from lmlab.flops import (
     flops_per_token,
     matmul_flops,
     matmul_weights,
+    virtual_tokens,
 )
 from lmlab.models.accounting import parameter_report
 from lmlab.models.builder import build_backbone
@@ -141,7 +142,8 @@ def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,
     attention = 4 * heads * head_dim * T * n_layers
     mm_forward, mm_backward = matmul_flops(mm)
     forward = mm_forward + attention
-    backward = mm_backward + 2 * attention * backward_shares(matmul)["self"]
+    prefixed = virtual_tokens(backbone)[1] > 0
+    backward = mm_backward + 2 * attention * backward_shares(matmul, prefix=prefixed)["self"]
     kv = 2 * kv_heads * head_dim * n_layers
     return {
         "family": "decoder", "seq_len": T, "hf_architecture": (hf.get("architectures") or [None])[0],

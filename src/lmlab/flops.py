@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from lmlab.gradient_flow import ADAPTER_PARTS, gradient_flow, token_side, virtual_tokens
 from lmlab.models.accounting import experts_per_token
 from lmlab.models.config import ModelConfig
 
@@ -24,6 +25,9 @@ class Matmul(NamedTuple):
     weights: float  # multiply-adds one token makes with it (MoE experts: by the share visited)
     trains: bool  # its weight gets a gradient
     input_grad: bool = True  # its input needs a gradient (something upstream trains)
+    # Its layer's output needs one: the input does, or a parameter of the layer trains (its
+    # weight or bias, or an adapter's: LoRA, IA3 under a peft-wrapped Linear).
+    output_grad: bool = True
 
 
 def _weight_numel(module: nn.Module) -> int:
@@ -36,93 +40,29 @@ def _weight_numel(module: nn.Module) -> int:
 
 
 def matmul_weights(backbone: nn.Module, config: ModelConfig | None) -> dict[str, Matmul]:
-    """Module name -> `Matmul` for every Linear / Conv1d; `_side` sorts the names into
+    """Module name -> `Matmul` for every Linear / Conv1d; `token_side` sorts the names into
     source/target for encoder-decoders. MoE experts count by the share of experts a token
     visits; transformers' Conv1D (GPT-2) is a Linear stored transposed. `input_grad` follows
     `gradient_flow`."""
     share = 1.0 if config is None else experts_per_token(config) / config.n_experts
     flow = gradient_flow(backbone)
     found: dict[str, Matmul] = {}
+    layer_trains: dict[str, bool] = {}
     for name, module in backbone.named_modules():
         if not (isinstance(module, (nn.Linear, nn.Conv1d)) or type(module).__name__ == "Conv1D"):
             continue
         if _VIRTUAL_TOKEN_ENCODERS & set(name.split(".")):
             continue  # runs on the P virtual tokens once per batch, not on every token
         count = float(_weight_numel(module)) * (share if ".experts." in name else 1.0)
-        found[name] = Matmul(count, bool(module.weight.requires_grad), flow.get(name, True))
+        layer = ADAPTER_PARTS.sub("", name)
+        if layer not in layer_trains:
+            layer_trains[layer] = any(p.requires_grad
+                                      for p in backbone.get_submodule(layer).parameters())
+        input_grad = flow.get(name, True)
+        found[name] = Matmul(count, bool(module.weight.requires_grad), input_grad,
+                             input_grad or layer_trains[layer])
     return found
 
-
-def _trains_here(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters(recurse=False))
-
-
-def gradient_flow(backbone: nn.Module) -> dict[str, bool]:
-    """Module name -> whether the module's input needs a gradient in a training step, i.e.
-    whether anything it depends on trains. Autograd computes no input gradient (and no
-    attention or scan backward) below the lowest trainable parameter: a frozen backbone under
-    a classifier head runs no backward at all, LoRA on the output layer only none in the body.
-
-    Read in module order, which is data-flow order in lmlab's models (embeddings, layers in
-    turn, the output layer): a module's input needs a gradient once a module before it trains
-    (its own parameters come after its input), except that projections reading the same input
-    (q/k/v, gate/up) all see the flow as it was at the first of them: an adapted q_proj does
-    not give k_proj's input a gradient. Prompt tuning's soft prompt trains in front of the first layer; prefix
-    tuning's keys in every attention layer (its output projection on). Encoder-decoders carry
-    two flows: the source's (embeddings, encoder) reaches the decoder through the
-    cross-attention keys/values, the target's through the decoder."""
-    prompt, prefix = virtual_tokens(backbone)
-    trained = {name for name, m in backbone.named_modules() if _trains_here(m)}
-    two_flows = isinstance(getattr(backbone, "decoder", None), nn.Module) and isinstance(
-        getattr(backbone, "encoder", None), nn.Module)
-    source_modules = ("encoder.",) if two_flows else ()
-    shared = {"embed_tokens", "soft_prompt"}
-    # The soft prompt goes in front of the source (encoder-decoders) or of the input.
-    flows = {"source": bool(prompt), "target": bool(prompt) and not two_flows}
-    hf_prefix = bool(prefix) and getattr(backbone, "prefix_encoder", None) is None
-    if hf_prefix:  # peft's prefix: its keys enter every layer, the first one included
-        flows = {"source": True, "target": True}
-    out: dict[str, bool] = {}
-    at_group_start: dict[tuple[str, str], dict[str, bool]] = {}
-    for name, _ in backbone.named_modules():
-        if not name:
-            continue
-        base = _ADAPTER_PARTS.sub("", name)
-        if prefix and base.endswith("attn.o_proj"):
-            # The attention over the prefix keys trains them.
-            flows["source" if base.startswith(source_modules) else "target"] = True
-        if base.endswith("cross_attn.o_proj") and flows["source"]:
-            flows["target"] = True  # the memory's gradient comes back through it
-        parent, _, leaf = base.rpartition(".")
-        seen = flows
-        # A LoRA B matrix reads its A's output, not the shared input.
-        if leaf in _SHARED_INPUT and not _LORA_B.search(name):
-            seen = at_group_start.setdefault((parent, _SHARED_INPUT[leaf]), dict(flows))
-        out[name] = seen[_side(name) if two_flows else "target"]
-        if name in trained:
-            top = name.split(".")[0]
-            if top in shared:
-                flows["source"] = flows["target"] = True
-            else:
-                flows["source" if name.startswith(source_modules) else "target"] = True
-    return out
-
-
-# Projections that read one input side by side, by group.
-_SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
-                 "up_proj": "gate_up"}
-_LORA_B = re.compile(r"\.lora_B(\.\w+)?$")
-
-# What peft puts under an adapted Linear (`k_proj.base_layer`, `k_proj.lora_A.default`, ...).
-_ADAPTER_PARTS = re.compile(r"\.(base_layer|lora_\w+|lora_magnitude_vector|ia3_\w+)(\.\w+)?$")
-
-
-def _side(name: str) -> str:
-    """encoder_decoder: which tokens a module runs on."""
-    name = _ADAPTER_PARTS.sub("", name)
-    if name.startswith("encoder.") or (".cross_attn." in name and name.endswith(("k_proj", "v_proj"))):
-        return "source"
-    return "target"
 
 
 def attention_keys(config: ModelConfig, T: int, causal: bool) -> int:
@@ -152,16 +92,46 @@ _MIXER_OUTPUTS = {
 }
 
 
-def backward_shares(matmul: dict[str, Matmul], names: Iterable[str] | None = None
-                    ) -> dict[str, float]:
-    """Share of the self-attention, cross-attention and Mamba layers (among `names`, default
-    all) that run a backward pass, from their output projections' `input_grad`; 1.0 where no
-    such projection is found."""
+_LORA = re.compile(r"\.lora_\w+(\.\w+)?$")
+
+
+def _attention_share(matmul: dict[str, Matmul], names: list[str], output: str,
+                     prefix: bool) -> float:
+    """The share of one attention's backward products autograd runs: of d(v) = pᵀ d(out),
+    d(p) = d(out) vᵀ, d(q) = d(s) k and d(k) = d(s)ᵀ q, those whose inputs need a gradient
+    (q, k, v: their projection's input does, or a weight under it trains; prefix keys and
+    values train). Without q/k/v projections by those names (model=hf's fused ones), all four
+    or none, by the output projection's input."""
+    attention = ADAPTER_PARTS.sub("", output).rsplit(".", 1)[0]
+    grads = {}
+    for part in ("q", "k", "v"):
+        under = [matmul[n] for n in names if ADAPTER_PARTS.sub("", n) == f"{attention}.{part}_proj"]
+        if not under:
+            return float(matmul[output].input_grad)
+        grads[part] = any(m.output_grad for m in under)
+    k, v = grads["k"] or prefix, grads["v"] or prefix
+    return (v + (grads["q"] or k) + grads["q"] + k) / 4
+
+
+def backward_shares(matmul: dict[str, Matmul], names: Iterable[str] | None = None,
+                    prefix: bool = False, cross_prefix: bool = False) -> dict[str, float]:
+    """The share of the self-attention, cross-attention and Mamba layers' backward work (among
+    `names`, default all) that autograd runs: attention by `_attention_share`, a Mamba scan
+    whole or not at all by its output projection's input; 1.0 where no layer is found.
+    `prefix` / `cross_prefix`: prefix tuning's trained keys and values in every self- /
+    cross-attention layer."""
     names = list(matmul if names is None else names)
     shares = {}
     for kind, pattern in _MIXER_OUTPUTS.items():
-        # ("cross_attn.o_proj" is not a self-attention match: "attn" must follow a dot.)
-        flags = [matmul[n].input_grad for n in names if pattern.search(_ADAPTER_PARTS.sub("", n))]
+        # An adapted output projection: its base layer's input (a LoRA B matrix reads A's
+        # output). "cross_attn.o_proj" is no self-attention match: "attn" must follow a dot.
+        outputs = [n for n in names if not _LORA.search(n)
+                   and pattern.search(ADAPTER_PARTS.sub("", n))]
+        if kind == "mamba":
+            flags = [float(matmul[n].input_grad) for n in outputs]
+        else:
+            prefixed = cross_prefix if kind == "cross" else prefix
+            flags = [_attention_share(matmul, names, n, prefixed) for n in outputs]
         shares[kind] = sum(flags) / len(flags) if flags else 1.0
     return shares
 
@@ -207,17 +177,18 @@ def _side_flops(config: ModelConfig, matmul: dict[str, Matmul], T: int,
         keys = T + prefix_keys
         return {"target": _stack_flops(config, list(matmul.values()), mixers.count("attention"),
                                        keys, mixers.count("mamba"),
-                                       backward=backward_shares(matmul))}
+                                       backward=backward_shares(matmul, prefix=bool(prefix_keys)))}
     S = T if S is None else S
     n_dec = config.n_decoder_layers or config.n_layers
-    sides = {side: [k for k in matmul if _side(k) == side] for side in ("source", "target")}
+    sides = {side: [k for k in matmul if token_side(k) == side] for side in ("source", "target")}
     source = _stack_flops(config, [matmul[k] for k in sides["source"]],
                           config.n_layers, S + prefix_keys, 0,
-                          backward=backward_shares(matmul, sides["source"]))
+                          backward=backward_shares(matmul, sides["source"], bool(prefix_keys)))
     target = _stack_flops(config, [matmul[k] for k in sides["target"]],
                           n_dec, T + prefix_keys, 0,
                           cross_keys=S + prefix_cross_keys, n_cross=n_dec,
-                          backward=backward_shares(matmul, sides["target"]))
+                          backward=backward_shares(matmul, sides["target"], bool(prefix_keys),
+                                                   bool(prefix_cross_keys)))
     return {"source": source, "target": target}
 
 
@@ -287,7 +258,8 @@ class TrainingFlops:
                 mm_forward, mm_backward = matmul_flops(self.matmul.values())
                 per_token = mm_forward + attention
                 if self._kind == "forward_backward":
-                    per_token += mm_backward + 2 * attention * backward_shares(self.matmul)["self"]
+                    per_token += mm_backward + 2 * attention * backward_shares(
+                        self.matmul, prefix=bool(self.prefix_keys))["self"]
                 # peft's prompt tuning keeps the virtual positions' logits: all T_run positions.
                 self._cache[key] = per_token * T_run + self._per_sequence
             elif self.config.family == "encoder_decoder":
@@ -318,25 +290,3 @@ def _prefixed_cross_attention(backbone: nn.Module) -> bool:
 
     return any(isinstance(m, CrossAttention) and getattr(m, "prefix_kv", None) is not None
                for m in backbone.modules())
-
-
-def virtual_tokens(backbone: nn.Module) -> tuple[int, int]:
-    """(soft-prompt positions, prefix keys) a prompt- or prefix-tuned backbone adds to every
-    sequence; (0, 0) for any other."""
-    prompt = getattr(backbone, "soft_prompt", None)
-    if prompt is not None:
-        return int(prompt.n_virtual_tokens), 0
-    prefix = getattr(backbone, "prefix_encoder", None)
-    if prefix is not None:
-        return 0, int(prefix.n_virtual_tokens)
-    for module in backbone.modules():  # model=hf: peft's PeftModel inside the HFBackbone
-        configs = getattr(module, "peft_config", None)
-        if isinstance(configs, dict) and getattr(module, "active_adapter", None) in configs:
-            config = configs[module.active_adapter]
-            n = int(getattr(config, "num_virtual_tokens", 0) or 0)
-            kind = str(getattr(config, "peft_type", ""))
-            if kind.endswith("PROMPT_TUNING"):
-                return n, 0
-            if kind.endswith("PREFIX_TUNING"):
-                return 0, n
-    return 0, 0

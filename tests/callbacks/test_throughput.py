@@ -64,7 +64,7 @@ def _peft(name):
 
 
 # No gradient is counted below the lowest trainable parameter (autograd computes none there):
-# within 0.6 % of the counter (before, the frozen first layer's input gradients: 1.7 % over).
+# equal to the counter (before, the frozen first layer's input gradients: 1.7 % over).
 @pytest.mark.parametrize("method", ["lora", "prompt", "prefix", "prefix-mlp"])
 def test_peft_batch_flops_match_flop_counter(method):
     config = ModelConfig(**{**TINY, "n_layers": 8})
@@ -72,26 +72,56 @@ def test_peft_batch_flops_match_flop_counter(method):
     model = _peft(method).apply(build_backbone(config))
     B, T = 3, 40
     flops = TrainingFlops(config, model).batch(B, T)
-    assert flops == pytest.approx(_counted(model, config, B, T), rel=0.008)
+    assert flops == pytest.approx(_counted(model, config, B, T), rel=1e-3)
 
 
 GQA = dict(n_kv_heads=2, ffn="swiglu", norm="rmsnorm", position="rope", bias=False,
            tie_embeddings=False)
 
 
-@pytest.mark.parametrize("targets,overrides,S", [
-    (["lm_head"], GQA, None),  # no gradient in the body at all: was counted 2.1x over
-    (["down_proj"], GQA, None),  # the first layer's attention runs forward only
-    (["q_proj", "v_proj"], dict(family="encoder_decoder", position="relative"), 24),
-], ids=["head-only", "ffn-only", "t5"])
-def test_gradients_start_at_the_lowest_trainable_parameter(targets, overrides, S):
+MOE = dict(ffn="moe", n_experts=4, top_k=4, expert_ffn="swiglu", bias=False,
+           tie_embeddings=False)  # top_k = n_experts: the routing is the same whatever the counter
+
+
+def _lora(*targets):
     from lmlab.peft.lora import LoRA
 
+    return lambda: LoRA(target_modules=list(targets))
+
+
+def _ia3(targets=None, feedforward=None):
+    from lmlab.peft.ia3 import IA3
+
+    return lambda: IA3(**({} if targets is None else dict(target_modules=targets,
+                                                          feedforward_modules=feedforward)))
+
+
+def _houlsby():
+    from lmlab.peft.adapter import BottleneckAdapters
+
+    return BottleneckAdapters()
+
+
+# Each case was counted 2-12 % over (or under) by an earlier version: the ids say how.
+@pytest.mark.parametrize("peft,overrides,S", [
+    (_lora("lm_head"), GQA, None),  # no gradient in the body at all (was 2.1x over)
+    (_lora("down_proj"), GQA, None),  # the first layer's attention runs forward only
+    (_lora("o_proj"), GQA, None),  # the first attention's backward does not run
+    (_lora("v_proj"), GQA, None),  # of the first attention's backward, d(v) only
+    (_lora("q_proj", "v_proj"), dict(family="encoder_decoder", position="relative"), 24),
+    (_lora("down_proj"), MOE, None),  # experts read their input side by side
+    (_lora("router"), MOE, None),
+    (_ia3(), GQA, None),  # IA3 on k/v scales their outputs: the attention's backward runs
+    (_ia3(["down_proj"], ["down_proj"]), GQA, None),  # a feed-forward IA3 scales its input
+    (_houlsby, GQA, None),
+], ids=["head-only", "ffn-only", "o-only", "v-only", "t5", "moe-experts", "moe-router",
+        "ia3", "ia3-feedforward", "houlsby"])
+def test_gradients_start_at_the_lowest_trainable_parameter(peft, overrides, S):
     config = ModelConfig(**{**TINY, "n_layers": 4}, **overrides)
     torch.manual_seed(0)
-    model = LoRA(target_modules=targets).apply(build_backbone(config))
+    model = peft().apply(build_backbone(config))
     flops = TrainingFlops(config, model).batch(3, 40, S)
-    assert flops == pytest.approx(_counted(model, config, 3, 40, S), rel=0.01)
+    assert flops == pytest.approx(_counted(model, config, 3, 40, S), rel=1e-3)
 
 
 def test_a_frozen_backbone_counts_its_forward_only():
@@ -137,7 +167,7 @@ def test_lora_encoder_decoder_keeps_cross_attention_keys_on_the_source(S):
     torch.manual_seed(0)
     model = LoRA().apply(build_backbone(config))
     flops = TrainingFlops(config, model).batch(3, 40, S)
-    assert flops == pytest.approx(_counted(model, config, 3, 40, S), rel=0.04)
+    assert flops == pytest.approx(_counted(model, config, 3, 40, S), rel=5e-3)
 
 
 @pytest.mark.parametrize("cross", [True, False], ids=["cross-prefixed", "self-only"])
@@ -148,8 +178,8 @@ def test_prefix_tuned_encoder_decoder_counts_the_cross_attention_prefix(cross):
     torch.manual_seed(0)
     model = PrefixTuning(n_virtual_tokens=40, cross_attention=cross).apply(build_backbone(config))
     flops = TrainingFlops(config, model).batch(3, 40, 24)
-    # 2 encoder layers: the pruned input gradients of the lowest layers, ~4 % here.
-    assert flops == pytest.approx(_counted(model, config, 3, 40, 24), rel=0.05)
+    # Was ~4 % over: the input gradients autograd prunes below the prefixes.
+    assert flops == pytest.approx(_counted(model, config, 3, 40, 24), rel=5e-3)
 
 
 def test_hf_backbone_counts_adapters_frozen_weights_and_head_share(tiny_hf_dir):
@@ -163,7 +193,7 @@ def test_hf_backbone_counts_adapters_frozen_weights_and_head_share(tiny_hf_dir):
         _counted(full, config, 2, 32), rel=0.02)
     lora = LoRA(target_modules=["q_proj", "v_proj"]).apply(HFBackbone(config))
     assert TrainingFlops(config, lora).batch(2, 32) == pytest.approx(
-        _counted(lora, config, 2, 32), rel=0.08)  # 2 layers: 7 % of pruned input gradients
+        _counted(lora, config, 2, 32), rel=5e-3)  # was 7 % over: the pruned input gradients
     # (counting its frozen weights as trained, as before, read 45 % over)
     head = full.hf.get_output_embeddings().weight.numel()
     with_head, without = (TrainingFlops(config, full, f).batch(2, 32) for f in (1.0, 0.0))

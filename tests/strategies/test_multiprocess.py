@@ -149,7 +149,7 @@ def test_tokens_and_throughput_are_the_whole_jobs_with_per_batch_padding(tmp_pat
     assert record["tokens_seen"] == sum(b["real"] for batches in ranks for b in batches)
     throughput = record["throughput"]
     measured = sum(b["B"] * b["T"] for batches in ranks for b in batches[1:])  # warm-up: 1
-    assert throughput["devices"] == 2 and throughput["steps_measured"] == 5
+    assert throughput["devices"] == 2 and throughput["batches_measured"] == 5
     assert throughput["tokens_per_sec"] * throughput["seconds_measured"] == pytest.approx(measured)
     samples = sum(b["B"] for batches in ranks for b in batches[1:])
     assert throughput["samples_per_sec"] * throughput["seconds_measured"] == pytest.approx(samples)
