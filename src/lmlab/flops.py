@@ -11,7 +11,13 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from lmlab.gradient_flow import ADAPTER_PARTS, gradient_flow, token_side, virtual_tokens
+from lmlab.gradient_flow import (
+    ADAPTER_PARTS,
+    MIXER_OUTPUTS,
+    gradient_flow,
+    token_side,
+    virtual_tokens,
+)
 from lmlab.models.accounting import experts_per_token
 from lmlab.models.config import ModelConfig
 
@@ -82,16 +88,6 @@ def matmul_flops(matmul: Iterable[Matmul]) -> tuple[float, float]:
             sum(2 * m.weights * (m.trains + m.input_grad) for m in matmul))
 
 
-# The output projections of attention and Mamba mixers: whether their input needs a gradient
-# says whether the scores / the scan before them run backward (lmlab's names, and the common
-# ones of transformers' causal LMs for model=hf).
-_MIXER_OUTPUTS = {
-    "cross": re.compile(r"(^|\.)cross_attn\.o_proj$"),
-    "self": re.compile(r"(^|\.)(attn|self_attn|attention)\.(o_proj|c_proj|out_proj|dense)$"),
-    "mamba": re.compile(r"(^|\.)mamba\.out_proj$"),
-}
-
-
 _LORA = re.compile(r"\.lora_\w+(\.\w+)?$")
 
 
@@ -105,7 +101,8 @@ def _attention_share(matmul: dict[str, Matmul], names: list[str], output: str,
     attention = ADAPTER_PARTS.sub("", output).rsplit(".", 1)[0]
     grads = {}
     for part in ("q", "k", "v"):
-        under = [matmul[n] for n in names if ADAPTER_PARTS.sub("", n) == f"{attention}.{part}_proj"]
+        # All of `matmul`, not `names`: a cross-attention's k/v are on the source side.
+        under = [m for n, m in matmul.items() if ADAPTER_PARTS.sub("", n) == f"{attention}.{part}_proj"]
         if not under:
             return float(matmul[output].input_grad)
         grads[part] = any(m.output_grad for m in under)
@@ -122,7 +119,7 @@ def backward_shares(matmul: dict[str, Matmul], names: Iterable[str] | None = Non
     cross-attention layer."""
     names = list(matmul if names is None else names)
     shares = {}
-    for kind, pattern in _MIXER_OUTPUTS.items():
+    for kind, pattern in MIXER_OUTPUTS.items():
         # An adapted output projection: its base layer's input (a LoRA B matrix reads A's
         # output). "cross_attn.o_proj" is no self-attention match: "attn" must follow a dot.
         outputs = [n for n in names if not _LORA.search(n)

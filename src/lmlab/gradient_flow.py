@@ -43,9 +43,6 @@ def gradient_flow(backbone: nn.Module) -> dict[str, bool]:
     shared = {"embed_tokens", "soft_prompt"}
     # The soft prompt goes in front of the source (encoder-decoders) or of the input.
     flows = {"source": bool(prompt), "target": bool(prompt) and not two_flows}
-    hf_prefix = bool(prefix) and getattr(backbone, "prefix_encoder", None) is None
-    if hf_prefix:  # peft's prefix: its keys enter every layer, the first one included
-        flows = {"source": True, "target": True}
     # peft's IA3 on a feed-forward module scales the module's input: that input needs one.
     scaled_inputs = {f"{name}.base_layer" for name, m in backbone.named_modules()
                      if getattr(m, "is_feedforward", False) and isinstance(
@@ -71,7 +68,7 @@ def gradient_flow(backbone: nn.Module) -> dict[str, bool]:
             if which != moe["branch"]:
                 moe["ends"], flows = _either(moe["ends"], flows), dict(moe["start"])
                 moe["branch"] = which
-        if prefix and base.endswith("attn.o_proj"):
+        if prefix and MIXER_OUTPUTS["self"].search(base):
             # The attention over the prefix keys trains them.
             flows["source" if base.startswith(source_modules) else "target"] = True
         if base.endswith("cross_attn.o_proj") and flows["source"]:
@@ -89,6 +86,16 @@ def gradient_flow(backbone: nn.Module) -> dict[str, bool]:
             else:
                 flows["source" if name.startswith(source_modules) else "target"] = True
     return out
+
+
+# The output projections of attention and Mamba mixers: whether their input needs a gradient
+# says whether the scores / the scan before them run backward (lmlab's names, and the common
+# ones of transformers' causal LMs for model=hf).
+MIXER_OUTPUTS = {
+    "cross": re.compile(r"(^|\.)cross_attn\.o_proj$"),
+    "self": re.compile(r"(^|\.)(attn|self_attn|attention)\.(o_proj|c_proj|out_proj|dense)$"),
+    "mamba": re.compile(r"(^|\.)mamba\.out_proj$"),
+}
 
 
 def _either(a: dict[str, bool], b: dict[str, bool]) -> dict[str, bool]:

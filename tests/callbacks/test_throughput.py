@@ -155,7 +155,7 @@ def test_lora_encoder_decoder_keeps_cross_attention_keys_on_the_source(S):
     torch.manual_seed(0)
     model = LoRA().apply(build_backbone(config))
     flops = TrainingFlops(config, model).batch(3, 40, S)
-    assert flops == pytest.approx(_counted(model, config, 3, 40, S), rel=5e-3)
+    assert flops == pytest.approx(_counted(model, config, 3, 40, S), rel=1e-3)
 
 
 @pytest.mark.parametrize("cross", [True, False], ids=["cross-prefixed", "self-only"])
@@ -167,7 +167,7 @@ def test_prefix_tuned_encoder_decoder_counts_the_cross_attention_prefix(cross):
     model = PrefixTuning(n_virtual_tokens=40, cross_attention=cross).apply(build_backbone(config))
     flops = TrainingFlops(config, model).batch(3, 40, 24)
     # Was ~4 % over: the input gradients autograd prunes below the prefixes.
-    assert flops == pytest.approx(_counted(model, config, 3, 40, 24), rel=5e-3)
+    assert flops == pytest.approx(_counted(model, config, 3, 40, 24), rel=1e-3)
 
 
 def test_hf_backbone_counts_adapters_frozen_weights_and_head_share(tiny_hf_dir):
@@ -186,6 +186,33 @@ def test_hf_backbone_counts_adapters_frozen_weights_and_head_share(tiny_hf_dir):
     head = full.hf.get_output_embeddings().weight.numel()
     with_head, without = (TrainingFlops(config, full, f).batch(2, 32) for f in (1.0, 0.0))
     assert with_head - without == pytest.approx(2 * 32 * 6 * head)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_hf_architecture_lmlab_does_not_convert_with_prompt_learning(tmp_path, method):
+    # model=hf with an architecture lmlab has no converter for (Qwen2 here) is described from
+    # the wrapped model itself; under peft's prompt/prefix tuning that model is lmlab's
+    # PromptLearningLM, which crashed describe (no get_input_embeddings).
+    import transformers
+
+    from lmlab.models.hf_backbone import HFBackbone
+    from lmlab.peft.prefix import PrefixTuning
+    from lmlab.peft.prompt import PromptTuning
+    from tests.models.hf.conftest import write_word_tokenizer
+
+    words = ["<unk>", "</s>"] + [str(i) for i in range(116)]
+    write_word_tokenizer(tmp_path, words, {"unk_token": "<unk>", "eos_token": "</s>"})
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=len(words), hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        eos_token_id=1, tie_word_embeddings=False)).save_pretrained(str(tmp_path))
+    config = ModelConfig(vocab_size=len(words), hf_path=str(tmp_path), attn_impl="eager")
+    peft = {"prompt": lambda: PromptTuning(n_virtual_tokens=8, init="random"),
+            "prefix": lambda: PrefixTuning(n_virtual_tokens=8)}[method]
+    model = peft().apply(HFBackbone(config))
+    assert TrainingFlops(config, model).batch(2, 32) == pytest.approx(
+        _counted(model, config, 2, 32), rel=1e-3)
 
 
 def test_batches_of_unknown_layout_give_no_rates_rather_than_zero():

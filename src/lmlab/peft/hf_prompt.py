@@ -34,6 +34,13 @@ class PromptLearningLM(nn.Module):
         self.n_virtual_tokens = config.num_virtual_tokens
         self.is_prefix = config.peft_type.value == "PREFIX_TUNING"
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The wrapped model's, as on the HF model it stands in for (`describe` reads it)."""
+        return self.peft_model.get_base_model().get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.peft_model.get_base_model().get_output_embeddings()
+
     @property
     def base_model(self) -> Any:
         """What `HFBackbone.hidden` calls: the same forward, returning `last_hidden_state`."""
