@@ -122,6 +122,16 @@ def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,
             out["parameters"].update(total=sum(p.numel() for p in backbone.parameters()),
                                      trainable=sum(p.numel() for p in backbone.parameters()
                                                    if p.requires_grad))
+            # The products of the wrapped model as it trains (PEFT: adapters, frozen weights,
+            # gradients starting at the lowest trainable parameter; its own vocabulary rows);
+            # the lmlab equivalent above is a fully trained model.
+            flops, matmul = out["flops_per_token"], matmul_weights(backbone, None)
+            shares = backward_shares(matmul, prefix=virtual_tokens(backbone)[1] > 0)
+            mm_forward, mm_backward = matmul_flops(matmul.values())
+            rest = flops["attention"] + flops["ssm_scan"]
+            flops.update(matmul=round(mm_forward), forward=round(mm_forward + rest),
+                         forward_backward=round(mm_forward + rest + mm_backward + 2 * (
+                             flops["attention"] * shares["self"] + flops["ssm_scan"])))
         out["hf_architecture"] = architecture
         return out
     if backbone is None:

@@ -145,3 +145,18 @@ def _with_path(directory) -> ModelConfig:
     config = ModelConfig()
     config.hf_path = str(directory)
     return config
+
+
+def test_model_hf_describe_counts_the_backward_as_the_wrapped_model_trains(tiny_hf_dir):
+    # A converted architecture is described as its lmlab equivalent, fully trained; with a
+    # LoRA-adapted backbone its forward_backward was 26 % over what the run computes.
+    from lmlab.flops import TrainingFlops
+    from lmlab.peft.lora import LoRA
+
+    config = ModelConfig(vocab_size=118, hf_path=str(tiny_hf_dir))
+    for peft in (None, LoRA(target_modules=["q_proj", "v_proj"])):
+        backbone = HFBackbone(config)
+        backbone = peft.apply(backbone) if peft else backbone
+        per_token = describe(config, backbone=backbone, seq_len=32)["flops_per_token"]
+        assert per_token["forward_backward"] == pytest.approx(
+            TrainingFlops(config, backbone).batch(1, 32) / 32)
