@@ -121,3 +121,14 @@ def test_bitfit_trains_biases_and_norms_only_and_frozen_nothing():
     frozen = _backbone()
     build_peft_strategy({"method": "frozen"}).apply(frozen)
     assert parameter_counts(frozen)["trainable"] == 0
+
+
+def test_bitfit_trains_the_norms_of_a_wrapped_hf_model(tiny_hf_dir):
+    # A Llama has no biases, and its LlamaRMSNorm is not an nn.RMSNorm: bitfit trained nothing.
+    from lmlab.models import ModelConfig
+    from lmlab.models.hf_backbone import HFBackbone
+
+    model = build_peft_strategy({"method": "bitfit"}).apply(
+        HFBackbone(ModelConfig(vocab_size=118, hf_path=str(tiny_hf_dir))))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("norm" in n for n in trainable)

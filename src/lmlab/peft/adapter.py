@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lmlab.errors import ConfigError
 from lmlab.peft.base import PeftStrategy
-from lmlab.peft.selective import NORM_TYPES
+from lmlab.peft.selective import is_norm
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
                "sigmoid": nn.Sigmoid, "identity": nn.Identity}
@@ -119,7 +119,7 @@ class BottleneckAdapters(PeftStrategy):
             sublayer.register_forward_hook(_adapt_output)
         if self.train_norms:
             for module in backbone.modules():
-                if isinstance(module, NORM_TYPES):
+                if is_norm(module):
                     module.requires_grad_(True)
         self._count = len(targets)
         return backbone

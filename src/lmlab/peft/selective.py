@@ -11,6 +11,13 @@ from lmlab.peft.base import PeftStrategy
 NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)
 
 
+def is_norm(module: nn.Module) -> bool:
+    """torch's norms, and the models' own (model=hf: transformers' LlamaRMSNorm, T5LayerNorm,
+    ...), which are not subclasses of them."""
+    return isinstance(module, NORM_TYPES) or type(module).__name__.endswith(("LayerNorm",
+                                                                             "RMSNorm"))
+
+
 @dataclass
 class BitFit(PeftStrategy):
     """`peft=bitfit`: only biases and normalisation weights train (Ben Zaken et al., 2022)."""
@@ -21,7 +28,7 @@ class BitFit(PeftStrategy):
         backbone.requires_grad_(False)
         for module in backbone.modules():
             for name, param in module.named_parameters(recurse=False):
-                if name == "bias" or isinstance(module, NORM_TYPES):
+                if name == "bias" or is_norm(module):
                     param.requires_grad_(True)
         return backbone
 
