@@ -227,6 +227,10 @@ def build_parts(cfg: DictConfig, resume: ResumeSource | None = None) -> RunParts
     if adapter is not None:
         adapter.load_into(task)
     if not any(p.requires_grad for p in task.parameters()):
-        raise ConfigError("peft", strategy.method, reason=f"nothing would train: peft={strategy.method} freezes the "
-                          f"backbone and task={cfg.task.name} has no head of its own (use it with task=classify)")
+        why = (f"freezes the backbone and task={cfg.task.name} has no head of its own (use it with "
+               "task=classify)" if strategy.method == "frozen" else
+               "found no parameter of this model to train (e.g. bitfit in a model without biases "
+               "or norm layers)")
+        raise ConfigError("peft", strategy.method,
+                          reason=f"nothing would train: peft={strategy.method} {why}")
     return RunParts(model_cfg, strategy, dm, task, init)
