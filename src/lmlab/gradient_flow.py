@@ -50,24 +50,30 @@ def gradient_flow(backbone: nn.Module) -> dict[str, bool]:
                      and any(p.requires_grad for p in m.ia3_l.parameters())}
     out: dict[str, bool] = {}
     at_group_start: dict[tuple[str, str], dict[str, bool]] = {}
-    moe: dict[str, Any] | None = None  # the mixture of experts being read: its branches' flows
+    parallel = _parallel_residual(backbone)
+    fork: dict[str, Any] | None = None  # the block of parallel branches being read
     for name, _ in backbone.named_modules():
         if not name:
             continue
         base = ADAPTER_PARTS.sub("", name)
-        # The router and each expert read the block's input side by side; after the block,
-        # whatever trains in any of them sends gradients on.
-        branch = _MOE_BRANCH.match(base)
+        # A mixture of experts' router and experts, or a parallel-residual layer's attention and
+        # MLP, read the block's input side by side; after the block, whatever trains in any of
+        # them sends gradients on.
+        branch, which = _MOE_BRANCH.match(base), None
+        if branch and not (branch.group(2) == "experts" and branch.group(3) is None):
+            which = branch.group(2) + (branch.group(3) or "")  # (not the experts' list itself)
+        elif branch is None and parallel:
+            branch = _PARALLEL_BRANCH.match(base)
+            which = branch.group(2) if branch else None
         block = branch.group(1) if branch else None
-        if moe is not None and block != moe["block"]:
-            flows, moe = _either(moe["ends"], flows), None
-        if branch and branch.group(3) is not None or branch and branch.group(2) != "experts":
-            if moe is None:
-                moe = {"block": block, "start": dict(flows), "ends": dict(flows), "branch": None}
-            which = branch.group(2) + (branch.group(3) or "")
-            if which != moe["branch"]:
-                moe["ends"], flows = _either(moe["ends"], flows), dict(moe["start"])
-                moe["branch"] = which
+        if fork is not None and block != fork["block"]:
+            flows, fork = _either(fork["ends"], flows), None
+        if which is not None:
+            if fork is None:
+                fork = {"block": block, "start": dict(flows), "ends": dict(flows), "branch": None}
+            if which != fork["branch"]:
+                fork["ends"], flows = _either(fork["ends"], flows), dict(fork["start"])
+                fork["branch"] = which
         if prefix and MIXER_OUTPUTS["self"].search(base):
             # The attention over the prefix keys trains them.
             flows["source" if base.startswith(source_modules) else "target"] = True
@@ -104,6 +110,22 @@ def _either(a: dict[str, bool], b: dict[str, bool]) -> dict[str, bool]:
 
 # A module inside a mixture of experts: (block, "router"/"gate"/"experts", ".N" of an expert).
 _MOE_BRANCH = re.compile(r"^(.*)\.(router|gate|experts)(\.\d+)?(\.|$)")
+# A module of a parallel-residual transformers layer: (layer, its attention or MLP).
+_PARALLEL_BRANCH = re.compile(r"^(.*\.(?:layers|h)\.\d+)\.(attention|attn|self_attn|self_attention|mlp)(\.|$)")
+_PARALLEL_MODEL_TYPES = ("gptj", "phi", "codegen")
+
+
+def _parallel_residual(backbone: nn.Module) -> bool:
+    """model=hf whose layers compute attention and MLP from the same input, x + attn(x) +
+    mlp(x) (GPT-NeoX/Pythia by default, GPT-J, Phi, Falcon's parallel_attn)."""
+    hf = getattr(backbone, "hf", None)
+    hf = getattr(hf, "peft_model", hf)  # prompt learning wraps the HF model
+    config = getattr(hf, "config", None)
+    if config is None:
+        return False
+    return bool(getattr(config, "use_parallel_residual", False)
+                or getattr(config, "parallel_attn", False)
+                or getattr(config, "model_type", None) in _PARALLEL_MODEL_TYPES)
 
 # Projections that read one input side by side, by group.
 _SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",

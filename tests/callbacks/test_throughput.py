@@ -188,28 +188,45 @@ def test_hf_backbone_counts_adapters_frozen_weights_and_head_share(tiny_hf_dir):
     assert with_head - without == pytest.approx(2 * 32 * 6 * head)
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_hf_architecture_lmlab_does_not_convert_with_prompt_learning(tmp_path, method):
-    # model=hf with an architecture lmlab has no converter for (Qwen2 here) is described from
-    # the wrapped model itself; under peft's prompt/prefix tuning that model is lmlab's
-    # PromptLearningLM, which crashed describe (no get_input_embeddings).
+def _tiny_hf(directory, architecture: str) -> int:
+    """A tiny random transformers model of `architecture` saved in `directory`: its vocab size."""
     import transformers
 
-    from lmlab.models.hf_backbone import HFBackbone
-    from lmlab.peft.prefix import PrefixTuning
-    from lmlab.peft.prompt import PromptTuning
     from tests.models.hf.conftest import write_word_tokenizer
 
     words = ["<unk>", "</s>"] + [str(i) for i in range(116)]
-    write_word_tokenizer(tmp_path, words, {"unk_token": "<unk>", "eos_token": "</s>"})
+    write_word_tokenizer(directory, words, {"unk_token": "<unk>", "eos_token": "</s>"})
     torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=len(words), hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        eos_token_id=1, tie_word_embeddings=False)).save_pretrained(str(tmp_path))
-    config = ModelConfig(vocab_size=len(words), hf_path=str(tmp_path), attn_impl="eager")
+    sizes = dict(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, eos_token_id=1)
+    model = {"qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+                 intermediate_size=40, num_key_value_heads=2, tie_word_embeddings=False, **sizes)),
+             "neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+                 intermediate_size=64, bos_token_id=1, **sizes))}[architecture]()
+    model.save_pretrained(str(directory))
+    return len(words)
+
+
+@pytest.mark.parametrize("architecture,method", [
+    # Architectures lmlab has no converter for, described from the wrapped model itself. Under
+    # peft's prompt/prefix tuning that model is lmlab's PromptLearningLM, which crashed describe
+    # (no get_input_embeddings).
+    ("qwen2", "prompt"), ("qwen2", "prefix"),
+    # GPT-NeoX's parallel residual, x + attn(x) + mlp(x): the first layer's MLP is not below
+    # its attention's LoRA (was 4 % over at 2 layers).
+    ("neox", "lora-dense"), ("neox", "lora-qkv")])
+def test_hf_architectures_lmlab_does_not_convert(tmp_path, architecture, method):
+    from lmlab.models.hf_backbone import HFBackbone
+    from lmlab.peft.lora import LoRA
+    from lmlab.peft.prefix import PrefixTuning
+    from lmlab.peft.prompt import PromptTuning
+
+    vocab = _tiny_hf(tmp_path, architecture)
+    config = ModelConfig(vocab_size=vocab, hf_path=str(tmp_path), attn_impl="eager")
     peft = {"prompt": lambda: PromptTuning(n_virtual_tokens=8, init="random"),
-            "prefix": lambda: PrefixTuning(n_virtual_tokens=8)}[method]
+            "prefix": lambda: PrefixTuning(n_virtual_tokens=8),
+            "lora-dense": lambda: LoRA(target_modules=["dense"]),
+            "lora-qkv": lambda: LoRA(target_modules=["query_key_value"])}[method]
     model = peft().apply(HFBackbone(config))
     assert TrainingFlops(config, model).batch(2, 32) == pytest.approx(
         _counted(model, config, 2, 32), rel=1e-3)
