@@ -70,7 +70,6 @@ def matmul_weights(backbone: nn.Module, config: ModelConfig | None) -> dict[str,
     return found
 
 
-
 def attention_keys(config: ModelConfig, T: int, causal: bool) -> int:
     """Keys a query can see: T, or a sliding window's reach (what a KV cache keeps). The FLOP
     counts score all T keys: the window is a mask over them, computed like causal masking."""
@@ -91,7 +90,7 @@ def matmul_flops(matmul: Iterable[Matmul]) -> tuple[float, float]:
 _LORA = re.compile(r"\.lora_\w+(\.\w+)?$")
 
 
-def _attention_share(matmul: dict[str, Matmul], names: list[str], output: str,
+def _attention_share(matmul: dict[str, Matmul], by_layer: dict[str, list[Matmul]], output: str,
                      prefix: bool) -> float:
     """The share of one attention's backward products autograd runs: of d(v) = pᵀ d(out),
     d(p) = d(out) vᵀ, d(q) = d(s) k and d(k) = d(s)ᵀ q, those whose inputs need a gradient
@@ -102,7 +101,7 @@ def _attention_share(matmul: dict[str, Matmul], names: list[str], output: str,
     grads = {}
     for part in ("q", "k", "v"):
         # All of `matmul`, not `names`: a cross-attention's k/v are on the source side.
-        under = [m for n, m in matmul.items() if ADAPTER_PARTS.sub("", n) == f"{attention}.{part}_proj"]
+        under = by_layer.get(f"{attention}.{part}_proj")
         if not under:
             return float(matmul[output].input_grad)
         grads[part] = any(m.output_grad for m in under)
@@ -118,6 +117,9 @@ def backward_shares(matmul: dict[str, Matmul], names: Iterable[str] | None = Non
     `prefix` / `cross_prefix`: prefix tuning's trained keys and values in every self- /
     cross-attention layer."""
     names = list(matmul if names is None else names)
+    by_layer: dict[str, list[Matmul]] = {}  # the products under each (peft-wrapped) layer
+    for name, m in matmul.items():
+        by_layer.setdefault(ADAPTER_PARTS.sub("", name), []).append(m)
     shares = {}
     for kind, pattern in MIXER_OUTPUTS.items():
         # An adapted output projection: its base layer's input (a LoRA B matrix reads A's
@@ -128,7 +130,7 @@ def backward_shares(matmul: dict[str, Matmul], names: Iterable[str] | None = Non
             flags = [float(matmul[n].input_grad) for n in outputs]
         else:
             prefixed = cross_prefix if kind == "cross" else prefix
-            flags = [_attention_share(matmul, names, n, prefixed) for n in outputs]
+            flags = [_attention_share(matmul, by_layer, n, prefixed) for n in outputs]
         shares[kind] = sum(flags) / len(flags) if flags else 1.0
     return shares
 
@@ -162,30 +164,41 @@ def flops_per_token(config: ModelConfig, matmul: dict[str, Matmul], T: int) -> d
     return out
 
 
+def side_backward_shares(config: ModelConfig, matmul: dict[str, Matmul], prefix_keys: int = 0,
+                         prefix_cross_keys: int = 0) -> dict[str, dict[str, float]]:
+    """`backward_shares` of each side ("target", and "source" for encoder-decoders): they
+    depend on the model only, not on the batch's shape."""
+    if config.family != "encoder_decoder":
+        return {"target": backward_shares(matmul, prefix=bool(prefix_keys))}
+    sides = {side: [k for k in matmul if token_side(k) == side] for side in ("source", "target")}
+    return {"source": backward_shares(matmul, sides["source"], bool(prefix_keys)),
+            "target": backward_shares(matmul, sides["target"], bool(prefix_keys),
+                                      bool(prefix_cross_keys))}
+
+
 def _side_flops(config: ModelConfig, matmul: dict[str, Matmul], T: int,
                 S: int | None = None, prefix_keys: int = 0,
-                prefix_cross_keys: int = 0) -> dict[str, dict[str, float]]:
+                prefix_cross_keys: int = 0,
+                shares: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
     """Per-token FLOPs of each side: "target" (a decoder's or encoder's tokens, T of them per
     sequence) and, for encoder_decoder, "source" (S source tokens; the decoder's
     cross-attention scores S keys). `prefix_keys` / `prefix_cross_keys`: keys every
     self-attention / cross-attention layer scores in addition (prefix tuning's virtual keys)."""
     mixers = config.layer_mixers
+    shares = shares or side_backward_shares(config, matmul, prefix_keys, prefix_cross_keys)
     if config.family != "encoder_decoder":
         keys = T + prefix_keys
         return {"target": _stack_flops(config, list(matmul.values()), mixers.count("attention"),
-                                       keys, mixers.count("mamba"),
-                                       backward=backward_shares(matmul, prefix=bool(prefix_keys)))}
+                                       keys, mixers.count("mamba"), backward=shares["target"])}
     S = T if S is None else S
     n_dec = config.n_decoder_layers or config.n_layers
-    sides = {side: [k for k in matmul if token_side(k) == side] for side in ("source", "target")}
-    source = _stack_flops(config, [matmul[k] for k in sides["source"]],
-                          config.n_layers, S + prefix_keys, 0,
-                          backward=backward_shares(matmul, sides["source"], bool(prefix_keys)))
-    target = _stack_flops(config, [matmul[k] for k in sides["target"]],
-                          n_dec, T + prefix_keys, 0,
+    sides = {side: [m for k, m in matmul.items() if token_side(k) == side]
+             for side in ("source", "target")}
+    source = _stack_flops(config, sides["source"], config.n_layers, S + prefix_keys, 0,
+                          backward=shares["source"])
+    target = _stack_flops(config, sides["target"], n_dec, T + prefix_keys, 0,
                           cross_keys=S + prefix_cross_keys, n_cross=n_dec,
-                          backward=backward_shares(matmul, sides["target"], bool(prefix_keys),
-                                                   bool(prefix_cross_keys)))
+                          backward=shares["target"])
     return {"source": source, "target": target}
 
 
@@ -244,6 +257,12 @@ class TrainingFlops:
             reference = describe(config, backbone)
             self._hf_attention_per_key = (reference["flops_per_token"]["attention"]
                                           / reference["seq_len"])
+        # Which backward work runs depends on the model only: worked out once, not per shape
+        # (padded batches bring many lengths).
+        self._shares = (None if self._hf else side_backward_shares(
+            config, self.matmul, self.prefix_keys, self.prefix_cross_keys))
+        self._hf_attention_backward = (backward_shares(self.matmul, prefix=bool(self.prefix_keys))
+                                       ["self"] if self._hf else 1.0)
         self._cache: dict[tuple[int, int | None], float] = {}
 
     def batch(self, B: int, T: int, S: int | None = None) -> float:
@@ -255,20 +274,20 @@ class TrainingFlops:
                 mm_forward, mm_backward = matmul_flops(self.matmul.values())
                 per_token = mm_forward + attention
                 if self._kind == "forward_backward":
-                    per_token += mm_backward + 2 * attention * backward_shares(
-                        self.matmul, prefix=bool(self.prefix_keys))["self"]
+                    per_token += mm_backward + 2 * attention * self._hf_attention_backward
                 # peft's prompt tuning keeps the virtual positions' logits: all T_run positions.
                 self._cache[key] = per_token * T_run + self._per_sequence
             elif self.config.family == "encoder_decoder":
                 S = T if S is None else S
                 S_run = S + self.prompt_positions  # the soft prompt goes in front of the source
                 sides = _side_flops(self.config, self.matmul, T, S_run, self.prefix_keys,
-                                    self.prefix_cross_keys)
+                                    self.prefix_cross_keys, self._shares)
                 self._cache[key] = (sides["target"][self._kind] * T
                                     + sides["source"][self._kind] * S_run)
             else:
                 T_run = T + self.prompt_positions
-                sides = _side_flops(self.config, self.matmul, T_run, prefix_keys=self.prefix_keys)
+                sides = _side_flops(self.config, self.matmul, T_run, prefix_keys=self.prefix_keys,
+                                    shares=self._shares)
                 # The prompt's states leave before the output layer: it runs on the T tokens.
                 self._cache[key] = (sides["target"][self._kind] * T_run
                                     - self._head_flops() * self.prompt_positions)

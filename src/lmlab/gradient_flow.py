@@ -26,15 +26,17 @@ def gradient_flow(backbone: nn.Module) -> dict[str, bool]:
 
     Read in module order, which is data-flow order in lmlab's models (embeddings, layers in
     turn, the output layer): a module's input needs a gradient once a module before it trains
-    (its own parameters come after its input), except that projections reading the same input
-    (q/k/v, gate/up) all see the flow as it was at the first of them: an adapted q_proj does
-    not give k_proj's input a gradient; likewise a mixture of experts' router and experts, each
-    a branch of its own, whose flows join after the block. peft's IA3 on a feed-forward module
-    scales that module's input, so the input needs a gradient. Prompt tuning's soft prompt
-    trains in front of the first layer; prefix
-    tuning's keys in every attention layer (its output projection on). Encoder-decoders carry
-    two flows: the source's (embeddings, encoder) reaches the decoder through the
-    cross-attention keys/values, the target's through the decoder."""
+    (its own parameters come after its input), except where modules read one input side by
+    side:
+    - projections of one input (q/k/v, gate/up) all see the flow as it was at the first of
+      them: an adapted q_proj does not give k_proj's input a gradient;
+    - a mixture of experts' router and experts, and a parallel-residual model=hf layer's
+      attention and MLP, are branches of their own whose flows join after the block.
+    peft's IA3 on a feed-forward module scales that module's input, so the input needs a
+    gradient. Prompt tuning's soft prompt trains in front of the first layer, prefix tuning's
+    keys in every attention layer (its output projection on). Encoder-decoders carry two
+    flows: the source's (embeddings, encoder) reaches the decoder through the cross-attention
+    keys/values, the target's through the decoder."""
     prompt, prefix = virtual_tokens(backbone)
     trained = {name for name, m in backbone.named_modules() if _trains_here(m)}
     two_flows = isinstance(getattr(backbone, "decoder", None), nn.Module) and isinstance(
@@ -126,6 +128,7 @@ def _parallel_residual(backbone: nn.Module) -> bool:
     return bool(getattr(config, "use_parallel_residual", False)
                 or getattr(config, "parallel_attn", False)
                 or getattr(config, "model_type", None) in _PARALLEL_MODEL_TYPES)
+
 
 # Projections that read one input side by side, by group.
 _SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
