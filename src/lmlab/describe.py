@@ -56,8 +56,8 @@ from lmlab.flops import (
     flops_per_token,
     matmul_flops,
     matmul_weights,
-    virtual_tokens,
 )
+from lmlab.gradient_flow import virtual_tokens
 from lmlab.models.accounting import parameter_report
 from lmlab.models.builder import build_backbone
 from lmlab.models.config import ModelConfig

@@ -24,8 +24,8 @@ and summarised over the whole run (`summary()`, written to `metrics.json` under
 - The batches of the first `warmup_steps` optimizer steps (compilation, allocator and cache
   warm-up; with gradient accumulation a step is several batches), the time spent in validation
   and the time spent saving checkpoints are left out; batch-to-batch intervals include data
-  loading. `batches_measured` in the summary counts the batches (micro-batches) in the means. (Counting a 1.5 GB checkpoint save once halved the tokens/s
-  of a 250-step 124M run on an H100.)
+  loading. (Counting a 1.5 GB checkpoint save once halved the tokens/s of a 250-step 124M run
+  on an H100.) `batches_measured` in the summary counts the (micro-)batches in the means.
 """
 
 from __future__ import annotations
