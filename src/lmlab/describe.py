@@ -125,13 +125,9 @@ def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,
             # The products of the wrapped model as it trains (PEFT: adapters, frozen weights,
             # gradients starting at the lowest trainable parameter; its own vocabulary rows);
             # the lmlab equivalent above is a fully trained model.
-            flops, matmul = out["flops_per_token"], matmul_weights(backbone, None)
-            shares = backward_shares(matmul, prefix=virtual_tokens(backbone)[1] > 0)
-            mm_forward, mm_backward = matmul_flops(matmul.values())
-            rest = flops["attention"] + flops["ssm_scan"]
-            flops.update(matmul=round(mm_forward), forward=round(mm_forward + rest),
-                         forward_backward=round(mm_forward + rest + mm_backward + 2 * (
-                             flops["attention"] * shares["self"] + flops["ssm_scan"])))
+            flops = out["flops_per_token"]
+            flops.update(_wrapped_flops(backbone, matmul_weights(backbone, None),
+                                        flops["attention"], flops["ssm_scan"]))
         out["hf_architecture"] = architecture
         return out
     if backbone is None:
@@ -148,12 +144,7 @@ def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,
     kv_heads = hf.get("num_key_value_heads") or heads
     window = hf.get("sliding_window")
     keys = min(T, window) if window else T  # what the KV cache keeps; scores cover all T
-    mm = [v for v in matmul.values()]
     attention = 4 * heads * head_dim * T * n_layers
-    mm_forward, mm_backward = matmul_flops(mm)
-    forward = mm_forward + attention
-    prefixed = virtual_tokens(backbone)[1] > 0
-    backward = mm_backward + 2 * attention * backward_shares(matmul, prefix=prefixed)["self"]
     kv = 2 * kv_heads * head_dim * n_layers
     return {
         "family": "decoder", "seq_len": T, "hf_architecture": (hf.get("architectures") or [None])[0],
@@ -162,10 +153,8 @@ def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,
         "parameters": {"total": total, "trainable": trainable, "active_per_token": total,
                        "embedding": sum(m.weight.numel() for m in backbone.modules()
                                         if isinstance(m, _EMBEDDING_TYPES)),
-                       "matmul_per_token": round(sum(m.weights for m in mm))},
-        "flops_per_token": {"forward": round(forward), "forward_backward": round(forward + backward),
-                            "matmul": round(forward - attention), "attention": attention,
-                            "ssm_scan": 0},
+                       "matmul_per_token": round(sum(m.weights for m in matmul.values()))},
+        "flops_per_token": _wrapped_flops(backbone, matmul, attention),
         "kv_cache": {"attention_layers": n_layers, "window": window,
                      "bytes_per_token": {k: kv * b for k, b in BYTES.items()},
                      "bytes_at_seq_len": {k: kv * b * keys for k, b in BYTES.items()}},
@@ -174,6 +163,19 @@ def _describe_hf(config: ModelConfig, hf_path: str, backbone: nn.Module | None,
                     "heads": f"{heads}q/{kv_heads}kv", "window": window, "ffn": "(hf)"}
                    for i in range(n_layers)],
     }
+
+
+def _wrapped_flops(backbone: nn.Module, matmul: dict[str, Any], attention: float,
+                   scan: float = 0) -> dict[str, Any]:
+    """model=hf's FLOPs per token from the wrapped model's own products (`matmul_weights`) as
+    it trains, with `attention` and `scan` per token: the backward only where gradients flow."""
+    shares = backward_shares(matmul, prefix=virtual_tokens(backbone)[1] > 0)
+    mm_forward, mm_backward = matmul_flops(matmul.values())
+    forward = mm_forward + attention + scan
+    return {"forward": round(forward),
+            "forward_backward": round(forward + mm_backward
+                                      + 2 * (attention * shares["self"] + scan)),
+            "matmul": round(mm_forward), "attention": attention, "ssm_scan": scan}
 
 
 # ---- caches -----------------------------------------------------------------------------------
