@@ -45,6 +45,7 @@ from lmlab.strategies.launch import (
     stop_observing_ranks,
     use_run_config_launcher,
 )
+from lmlab.strategies.preemption import use_sigterm_consensus
 from lmlab.sweep import previous_record
 from lmlab.tokenizers import tokenizer_metrics
 
@@ -189,6 +190,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     check_run(cfg)  # strategy, processes, precision, DeepSpeed config, PEFT: before any process starts
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     use_run_config_launcher(trainer, cfg, overrides_of(cfg), ckpt_path)
+    use_sigterm_consensus(trainer)  # multi-process runs: every rank stops at the same step
     if use_fp32_matmuls_for_emulated_bf16(trainer):
         log.info("trainer.precision=%s on a CPU without bf16 GEMM kernels: matrix products run on "
                  "the fp32 kernel with bf16-rounded operands and results (lmlab.precision)",
