@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -183,3 +186,22 @@ def test_model_hf_is_refused_before_compute(method, make_cfg, tiny_hf_dir):
     with pytest.raises(ConfigError) as info:
         build_parts(cfg)
     assert info.value.field == "peft" and "model=hf" in str(info.value) and method in str(info.value)
+
+
+def test_lmlab_imports_without_bitsandbytes_until_a_run_quantizes():
+    # A machine without bitsandbytes (the lent GPU machines' image) still runs everything but
+    # qlora: lmlab imports it when a QLoRA run quantizes, not with `lmlab.peft`.
+    code = (
+        "import sys\n"
+        "sys.modules['bitsandbytes'] = None  # import bitsandbytes -> ImportError\n"
+        "import lmlab.train\n"
+        "from lmlab.peft import build_peft_strategy\n"
+        "strategy = build_peft_strategy({'method': 'qlora'})\n"
+        "try:\n"
+        "    strategy.apply(__import__('torch').nn.Module())\n"
+        "except ImportError as error:\n"
+        "    print('apply needs it:', error)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "apply needs it:" in proc.stdout and "bitsandbytes" in proc.stdout

@@ -5,7 +5,9 @@ excepted) is replaced by a
 `bitsandbytes` `Linear4bit` (NF4 or FP4 blocks of 64, optionally with double quantisation of
 the block scales); embeddings, `lm_head`, BERT's MLM transform and task heads stay in full
 precision, as in the paper's recipe. `peft`'s 4-bit LoRA layer then wraps the targeted
-quantized layers. The same code runs on CPU (bitsandbytes' CPU kernels) and on GPU.
+quantized layers. The same code runs on CPU (bitsandbytes' CPU kernels) and on GPU. bitsandbytes is imported
+when a QLoRA run quantizes (`lmlab.peft.linear4bit`), not with lmlab: importing it pulls in its
+native libraries, and a machine without it still runs everything else.
 
 Merging is done by dequantising: each Linear4bit becomes an fp32 `nn.Linear` holding
 dequant(W) (+ the LoRA update where there is one), so the merged model computes exactly what the
@@ -18,10 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import dequantize_4bit
-from bitsandbytes.nn import Params4bit
 from peft import inject_adapter_in_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -35,41 +34,6 @@ ALL = "all"  # target_modules value: every quantized Linear (the QLoRA paper ada
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class QuantizedLinear(bnb.nn.Linear4bit):
-    """`Linear4bit` that can load its own state dict: bitsandbytes saves the packed weight and
-    its quantisation statistics (`weight.absmax`, `weight.quant_map`, ...) but loading them back
-    is left to transformers. Resuming, `init_from` and `lmlab export` need it here."""
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        key = prefix + "weight"
-        stats = {k[len(key) + 1:]: v for k, v in state_dict.items() if k.startswith(key + ".")}
-        stat_keys = {f"{key}.{name}" for name in stats}
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in stat_keys]
-        if key in state_dict and stats:
-            self.weight = Params4bit.from_prequantized(
-                data=state_dict[key], quantized_stats=stats, requires_grad=False,
-                device=self.weight.device,
-            )
-
-
-def quantize_linear(linear: nn.Linear, quant_type: str, double_quant: bool,
-                    compute_dtype: torch.dtype) -> QuantizedLinear:
-    q = QuantizedLinear(
-        linear.in_features, linear.out_features, bias=linear.bias is not None,
-        compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
-        device=linear.weight.device,
-    )
-    q.weight = Params4bit(linear.weight.data.float(), requires_grad=False,
-                          compress_statistics=double_quant, quant_type=quant_type)
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    # bitsandbytes quantizes when the weight is moved to a (real) device.
-    return q.to(linear.weight.device)
-
-
 def block_linears(backbone: nn.Module) -> list[str]:
     """Names of the Linears inside the layer stacks (`layers.{i}.…`): the frozen base that is
     quantized. Embeddings, lm_head and heads outside the stacks are left alone, and so are MoE
@@ -77,17 +41,6 @@ def block_linears(backbone: nn.Module) -> list[str]:
     skips them too)."""
     return [name for name, m in backbone.named_modules()
             if isinstance(m, nn.Linear) and "layers" in name.split(".") and not name.endswith("router")]
-
-
-def dequantized_linear(layer: bnb.nn.Linear4bit) -> nn.Linear:
-    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                      device=weight.device)
-    with torch.no_grad():
-        plain.weight.copy_(weight)
-        if layer.bias is not None:
-            plain.bias.copy_(layer.bias.float())
-    return plain
 
 
 def _replace(backbone: nn.Module, name: str, module: nn.Module) -> None:
@@ -146,6 +99,8 @@ class QLoRA(LoRA):
             )
 
     def apply(self, backbone: nn.Module) -> nn.Module:
+        from lmlab.peft.linear4bit import quantize_linear
+
         self.check(backbone)
         dtype = COMPUTE_DTYPES[self.compute_dtype]
         before = state_bytes(backbone)
@@ -180,6 +135,10 @@ class QLoRA(LoRA):
 
     def merge(self, backbone: nn.Module) -> nn.Module:
         """Dequantize every 4-bit layer to fp32 and add its LoRA update: a plain backbone."""
+        import bitsandbytes as bnb
+
+        from lmlab.peft.linear4bit import dequantized_linear
+
         for name, module in list(backbone.named_modules()):
             if isinstance(module, BaseTunerLayer):
                 base = module.get_base_layer()
