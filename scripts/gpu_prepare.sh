@@ -23,4 +23,5 @@ for pkg in hydra omegaconf antlr4 hydra_core-*.dist-info omegaconf-*.dist-info a
 done
 find .gpu/site -name __pycache__ -prune -exec rm -rf {} +
 cp -r ../shared/data .gpu/data
+chmod -R u+w .gpu/data  # the corpora are read-only here: a rerun must be able to remove them
 du -sh .gpu

@@ -5,9 +5,9 @@ excepted) is replaced by a
 `bitsandbytes` `Linear4bit` (NF4 or FP4 blocks of 64, optionally with double quantisation of
 the block scales); embeddings, `lm_head`, BERT's MLM transform and task heads stay in full
 precision, as in the paper's recipe. `peft`'s 4-bit LoRA layer then wraps the targeted
-quantized layers. The same code runs on CPU (bitsandbytes' CPU kernels) and on GPU. bitsandbytes is imported
-when a QLoRA run quantizes (`lmlab.peft.linear4bit`), not with lmlab: importing it pulls in its
-native libraries, and a machine without it still runs everything else.
+quantized layers. The same code runs on CPU (bitsandbytes' CPU kernels) and on GPU. lmlab
+itself imports bitsandbytes only when a QLoRA run quantizes (`lmlab.peft.linear4bit`), so a
+machine without it runs everything else (peft imports it at import time where it is installed).
 
 Merging is done by dequantising: each Linear4bit becomes an fp32 `nn.Linear` holding
 dequant(W) (+ the LoRA update where there is one), so the merged model computes exactly what the

@@ -75,7 +75,7 @@ class SigtermConsensus(L.Callback):
             launcher = self._trainer.strategy.launcher
             if launcher is not None:
                 launcher.kill(signum)  # the ranks this process started, as Lightning does
-        log.info("rank %s: SIGTERM; every rank stops at the next optimizer step",
+        log.info("rank %s: SIGTERM; every rank stops within two optimizer steps",
                  self._trainer.global_rank if self._trainer is not None else "?")
         self._signalled = True
 
