@@ -7,6 +7,7 @@ from lmlab.models import DecoderLM, ModelConfig
 from lmlab.models.layers.ffn import FeedForward
 from lmlab.models.layers.moe import (
     MoEFeedForward,
+    expert_capacity,
     load_balancing_loss,
     route_expert_choice,
     route_top_k,
@@ -65,26 +66,83 @@ def test_top_k_routing_equals_per_token_loop(top_k, kind):
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
 
 
-def test_masked_tokens_are_not_routed_and_do_not_change_the_others():
-    layer = _moe(top_k=2)
-    x = torch.randn(1, 6, 16)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+@pytest.mark.parametrize(("router", "capacity_factor"), [
+    ("topk", None), ("topk", 1.0), ("topk", 0.5), ("expert_choice", 1.0), ("expert_choice", 0.5)])
+@pytest.mark.parametrize("buffers", [False, True], ids=["gather", "buffers"])
+def test_masked_tokens_are_not_routed_and_do_not_change_the_others(router, capacity_factor, buffers):
+    # 8 positions, 5 real: a capacity counts the real tokens (factor 1, top-2, 4 experts: 3,
+    # where all 8 positions would give 4), so the padded batch routes as the real tokens alone.
+    # With buffers (a GPU's dispatch) that count stays on the device.
+    layer = _moe(top_k=2, router=router, capacity_factor=capacity_factor)
+    layer.buffers_on_cpu = buffers
+    x = torch.randn(1, 8, 16)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
     out = layer(x, mask)
-    assert torch.equal(out[0, :2], torch.zeros(2, 16))
-    torch.testing.assert_close(out[:, 2:], layer(x[:, 2:]), atol=1e-6, rtol=0)
+    assert torch.equal(out[0, :3], torch.zeros(3, 16))
+    torch.testing.assert_close(out[:, 3:], layer(x[:, 3:]), atol=1e-6, rtol=0)
     assert layer.last_load.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("router", "capacity_factor"), [("topk", 2.0), ("topk", 0.5), ("expert_choice", 1.0)])
+def test_capacity_buffers_equal_the_per_expert_gather(router, capacity_factor):
+    # One routing, dispatched both ways: fixed-size buffers (no host read) and the dropless
+    # path's exact per-expert gather must give the same outputs and gradients, drops or not.
+    layer = _moe(router=router, top_k=2, capacity_factor=capacity_factor).train()
+    x = torch.randn(12, 16, requires_grad=True)
+    probs = torch.softmax(layer.router(x).float(), dim=-1)
+    slots = expert_capacity(12, 4, 2, capacity_factor)
+    if router == "topk":
+        routing = route_top_k(probs, 2, slots)[0]
+    else:  # a capacity counted on the device, below the buffer's rows
+        routing = route_expert_choice(probs, torch.tensor(slots - 2), slots=slots)
+    assert not routing.keep.all() or capacity_factor == 2.0
+    results = []
+    for dispatch in (lambda: layer._dispatch_slots(x, routing, slots), lambda: layer._dispatch_gather(x, routing)):
+        out = dispatch()
+        out.square().sum().backward(retain_graph=True)
+        results.append((out.detach(), x.grad.clone(), layer.experts[1].up_proj.weight.grad.clone()))
+        x.grad = None
+        layer.zero_grad()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("router", "capacity_factor", "padded"), [
+    ("topk", 1.25, False), ("topk", 1.25, True), ("expert_choice", None, False),
+    ("expert_choice", 1.0, True)])
+def test_routing_with_a_capacity_never_waits_for_the_device(router, capacity_factor, padded):
+    from tests.host_syncs import HostSyncs
+
+    layer = _moe(router=router, capacity_factor=capacity_factor).train()
+    layer.buffers_on_cpu = True  # the GPU's dispatch (a CPU gathers exactly, where reads are free)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]) if padded else None
+    with HostSyncs() as syncs:
+        out = layer(x, mask)
+        (out.sum() + layer.last_aux_loss + layer.last_z_loss).backward()
+        layer.last_load.sum()
+    assert not syncs.found, syncs.report()
+
+
+def test_dropless_routing_reads_the_counts_once_per_layer():
+    from tests.host_syncs import HostSyncs
+
+    layer = _moe(capacity_factor=None).train()
+    with HostSyncs() as syncs:
+        layer(torch.randn(2, 6, 16, requires_grad=True)).sum().backward()
+    assert [op for op, _ in syncs.found] == ["Tensor.tolist"] and sum(syncs.found.values()) == 1
 
 
 def test_capacity_drops_exactly_the_overflow():
     # Six tokens, two experts, top-1: tokens 0, 1, 3, 5 pick expert 0; capacity 2 keeps the
     # first two of them; expert 1 (tokens 2, 4) has room.
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
-    token, expert, gate, _ = route_top_k(probs, top_k=1, capacity=2)
+    token, expert, gate = route_top_k(probs, top_k=1, capacity=2)[0].kept()
     assert sorted(zip(token.tolist(), expert.tolist())) == [(0, 0), (1, 0), (2, 1), (4, 1)]
     torch.testing.assert_close(gate, probs[token, expert])
 
     # Top-2: every first choice queues before any second choice.
-    token, expert, _, _ = route_top_k(probs, top_k=2, capacity=3)
+    token, expert, _ = route_top_k(probs, top_k=2, capacity=3)[0].kept()
     kept = sorted(zip(token.tolist(), expert.tolist()))
     # Expert 0: first choices 0, 1, 3 fill it (5 dropped); expert 1: first choices 2, 4, then
     # the second choice of token 0.
@@ -95,7 +153,7 @@ def test_dropped_tokens_pass_through_as_zero_ffn_output():
     layer = _moe(top_k=1, n_experts=2, capacity_factor=0.5)  # capacity = ceil(0.5*8/2) = 2
     x = torch.randn(8, 16)
     probs = torch.softmax(layer.router(x), dim=-1)
-    token, _, _, _ = route_top_k(probs, 1, capacity=2)
+    token, _, _ = route_top_k(probs, 1, capacity=2)[0].kept()
     out = layer(x)
     dropped = sorted(set(range(8)) - set(token.tolist()))
     assert len(token) == 4 and len(dropped) == 4
@@ -125,14 +183,14 @@ def test_aux_and_z_loss_equal_their_formulas_on_hand_made_router_output():
 def test_expert_choice_picks_each_experts_top_c():
     torch.manual_seed(1)
     probs = torch.randn(10, 4).softmax(-1)
-    token, expert, gate = route_expert_choice(probs, capacity=3)
+    token, expert, gate = route_expert_choice(probs, capacity=3).kept()
     for e in range(4):
         picked = sorted(token[expert == e].tolist())
         assert picked == sorted(probs[:, e].topk(3).indices.tolist())
     torch.testing.assert_close(gate, probs[token, expert])
     # Pads are never picked, even when the capacity exceeds the real tokens.
     mask = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
-    token, _, _ = route_expert_choice(probs, capacity=5, token_mask=mask)
+    token, _, _ = route_expert_choice(probs, capacity=5, token_mask=mask).kept()
     assert set(token.tolist()) <= {0, 1}
 
 

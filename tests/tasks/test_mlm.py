@@ -56,6 +56,39 @@ def test_bert_mlm_trains_and_evaluates_deterministically(text_dm):
     assert first == second  # the same masks at every evaluation
 
 
+def test_training_batches_are_masked_on_the_host_as_the_step_would(text_dm):
+    # Lightning's transfer hook masks each training batch before it reaches the device; the
+    # masks must be exactly those training_step draws itself (same generator), and the step
+    # must use them (the loss is the one over those positions).
+    task = _task(text_dm, seed=5)
+    seen = []
+
+    class Check(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step = trainer.global_step
+            masked, labels = pl_module.mask(batch, pl_module.train_generator(step, batch_idx))
+            chosen = (labels != IGNORE_INDEX).flatten()
+            assert batch["mlm_step"] == (step, batch_idx)
+            assert torch.equal(batch["mlm_input_ids"], masked)
+            assert torch.equal(batch["mlm_positions"], chosen.nonzero().squeeze(1))
+            assert torch.equal(batch["mlm_targets"], labels.flatten()[chosen])
+            with torch.no_grad():  # the step's own masking path, before its update
+                logits, targets = pl_module.masked_logits(batch, pl_module.train_generator(step, batch_idx))
+                seen.append(float(F.cross_entropy(logits, targets)))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[-1] = (seen[-1], float(outputs["loss"]))
+
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0,
+                        callbacks=[Check()])
+    with torch.random.fork_rng():
+        trainer.fit(task, datamodule=text_dm)
+    assert len(seen) == 3
+    for reference, trained in seen:
+        assert trained == pytest.approx(reference, rel=1e-5)
+
+
 def test_evaluation_masks_do_not_depend_on_the_batching(text_dm):
     # Each row's masks follow its index in the split: 16 windows in batches of 16, of 3, or as
     # one of two ranks' shares (lmlab.data.eval_sharding) get the same masks.

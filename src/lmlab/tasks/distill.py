@@ -86,12 +86,15 @@ def build_teacher(source: InitSource, tokenizer: Tokenizer) -> nn.Module:
 
 def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float,
                     vocab_size: int) -> Tensor:
-    """KL(teacher_T ‖ student_T) summed over the vocabulary, averaged over counted tokens."""
+    """KL(teacher_T ‖ student_T) summed over the vocabulary, averaged over counted tokens.
+
+    Computed at every position and masked, rather than on the counted positions gathered by
+    a boolean index, whose size a GPU would have to report to the host first."""
     counted = labels != IGNORE_INDEX
-    s = student_logits[counted][:, :vocab_size].float() / temperature
-    t = teacher_logits[counted][:, :vocab_size].float() / temperature
-    kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")
-    return kl / counted.sum().clamp_min(1)
+    s = student_logits[..., :vocab_size].float() / temperature
+    t = teacher_logits[..., :vocab_size].float() / temperature
+    kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return torch.where(counted, kl, 0.0).sum() / counted.sum().clamp_min(1)
 
 
 class _Distillation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,9 @@ from lmlab.tokenizers import Tokenizer
 
 # Separate seed streams for training and each evaluation split.
 STREAMS = {"train": 0, "val": 1, "test": 2}
+# Lightning says so whenever a LightningModule defines a transfer hook and a datamodule is in
+# use; the module's hook running is what the task wants.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 class MaskedLMTask(LMTask):
@@ -79,16 +83,45 @@ class MaskedLMTask(LMTask):
         """(logits over the real vocabulary, original ids) at the chosen positions only: the
         head runs on the ~15% of positions that carry a loss, not on every token."""
         masked_ids, labels = self.mask(batch, generator)
-        hidden = self.run_backbone(masked_ids, batch.get("attention_mask"))
-        chosen = labels != IGNORE_INDEX
-        logits = self.backbone.mlm_logits(hidden[chosen][None])[0]
-        return logits[:, : self.tokenizer.vocab_size].float(), labels[chosen]
+        chosen = (labels != IGNORE_INDEX).flatten()
+        positions = chosen.nonzero().squeeze(1)  # on a GPU: a host read (see on_before_batch_transfer)
+        return self._logits_at(masked_ids, batch.get("attention_mask"), positions), labels.flatten()[positions]
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def _logits_at(self, masked_ids: Tensor, attention_mask: Tensor | None, positions: Tensor) -> Tensor:
+        hidden = self.run_backbone(masked_ids, attention_mask)
+        logits = self.backbone.mlm_logits(hidden.flatten(0, 1)[positions][None])[0]
+        return logits[:, : self.tokenizer.vocab_size].float()
+
+    def train_generator(self, step: int, batch_idx: int) -> torch.Generator:
+        """The masks of training step `step`'s batch `batch_idx`: reproducible on resume."""
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         rank = self.global_rank if self._trainer is not None else 0
-        generator = seeded_generator(self.seed, STREAMS["train"], self.global_step, batch_idx % accumulate, rank)
-        logits, targets = self.masked_logits(batch, generator)
+        return seeded_generator(self.seed, STREAMS["train"], step, batch_idx % accumulate, rank)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches are masked here, on the host, before Lightning moves them to the
+        device: the chosen positions are then known without reading the device (boolean
+        indexing of device tensors waits for the GPU) and the masked batch travels like the
+        rest, page-locked on a GPU run so the copy does not wait either. The same generator
+        as `training_step`'s own masking, so the masks are the same either way."""
+        trainer = self._trainer
+        if trainer is None or not trainer.training or not isinstance(batch, dict) or "input_ids" not in batch:
+            return batch
+        batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # the index training_step gets
+        masked_ids, labels = self.mask(batch, self.train_generator(trainer.global_step, batch_idx))
+        positions = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        masking = {"mlm_input_ids": masked_ids, "mlm_positions": positions,
+                   "mlm_targets": labels.flatten()[positions]}
+        if trainer.strategy.root_device.type == "cuda":
+            masking = {k: v.pin_memory() for k, v in masking.items()}
+        return {**batch, **masking, "mlm_step": (trainer.global_step, batch_idx)}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        if batch.get("mlm_step") == (self.global_step, batch_idx):  # masked on the host
+            logits = self._logits_at(batch["mlm_input_ids"], batch.get("attention_mask"), batch["mlm_positions"])
+            targets = batch["mlm_targets"]
+        else:  # a batch that did not pass through Lightning's transfer hooks
+            logits, targets = self.masked_logits(batch, self.train_generator(self.global_step, batch_idx))
         # A sum over zero chosen tokens is 0 with a gradient path, where a mean would be NaN.
         loss = F.cross_entropy(logits, targets, reduction="sum") / max(targets.numel(), 1)
         self.count_tokens(batch["attention_mask"])

@@ -1,0 +1,127 @@
+"""Find host-device synchronisations on a CPU: the ops that would make the host wait for a GPU.
+
+On a GPU an op that reads a value to the host (`.item()`, `bool(t)`, `.tolist()`) or whose
+output shape depends on the data (boolean indexing, `nonzero`, `bincount`, `unique`) blocks
+the host until the device has computed everything queued before it. On a CPU nothing waits,
+so these are invisible in timings here; `HostSyncs` records them by name instead, with the
+Python frames that issued them, at the dispatcher (every aten op of forward and backward) and
+at the Python methods that read tensors without dispatching an op on a CPU (`tolist`, `numpy`).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops that read a device value on the host, or size their output by the data.
+SYNCING_OPS = frozenset({
+    "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::nonzero_static",
+    "aten::masked_select", "aten::bincount", "aten::_unique", "aten::_unique2",
+    "aten::unique_dim", "aten::unique_consecutive", "aten::repeat_interleave",
+})
+# Ops that sync when indexed by a boolean mask (they compute its nonzero positions first).
+MASK_INDEXED_OPS = frozenset({"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"})
+READING_METHODS = ("tolist", "numpy")
+# Ops that validate their input on the host only off CUDA (a GPU relies on device asserts):
+# what they read here is no sync there.
+CPU_ONLY_CHECKS = ("one_hot",)
+
+
+def _caller(skip: int) -> str:
+    """The innermost frames outside torch: where the sync is in lmlab (or Lightning)."""
+    frames = [f for f in traceback.extract_stack()[:-skip]
+              if "/torch/" not in f.filename and "host_syncs" not in f.filename]
+    return " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in frames[-3:][::-1])
+
+
+def _is_mask(index) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
+
+
+class HostSyncs(TorchDispatchMode):
+    """`with HostSyncs() as syncs: ...`, then `syncs.found` counts (op, where it was issued)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: Counter[tuple[str, str]] = Counter()
+        self._originals = {}
+        self._quiet = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if self._quiet:
+            return func(*args, **(kwargs or {}))
+        if name in SYNCING_OPS or (name in MASK_INDEXED_OPS and any(
+                _is_mask(i) for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()))):
+            self.found[(name, _caller(2))] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for method in READING_METHODS:
+            original = getattr(torch.Tensor, method)
+            self._originals[method] = original
+
+            def reading(tensor, *args, _original=original, _method=method, **kwargs):
+                self.found[(f"Tensor.{_method}", _caller(2))] += 1
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, method, reading)
+        for name in CPU_ONLY_CHECKS:
+            original = getattr(F, name)
+            self._originals[name] = original
+
+            def quiet(*args, _original=original, **kwargs):
+                self._quiet += 1
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self._quiet -= 1
+
+            setattr(F, name, quiet)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._originals.items():
+            setattr(F if name in CPU_ONLY_CHECKS else torch.Tensor, name, original)
+        self._originals.clear()
+        return super().__exit__(*exc)
+
+    def report(self) -> str:
+        return "\n".join(f"{count}x {op} at {where}" for (op, where), count in self.found.most_common())
+
+
+class StepSyncs(L.Callback):
+    """Records the host syncs of training steps `first` .. `last - 1` of a run, from batch start
+    to batch end (forward, backward, optimizer step and every callback in between). Add it to a
+    run with `+callbacks.step_syncs._target_=tests.host_syncs.StepSyncs`; the instance is
+    `StepSyncs.latest`."""
+
+    latest: StepSyncs | None = None
+
+    def __init__(self, first: int = 2, last: int = 5):
+        self.first, self.last = first, last
+        self.syncs = HostSyncs()
+        self.watched = 0
+        self._on = False
+        StepSyncs.latest = self
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first <= trainer.global_step < self.last:
+            self.syncs.__enter__()
+            self._on = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._on:
+            self.syncs.__exit__(None, None, None)
+            self._on = False
+            self.watched += 1
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if self._on:  # a step that raised: leave no mode or patched method behind
+            self.syncs.__exit__(None, None, None)
+            self._on = False

@@ -1,0 +1,49 @@
+"""No host-device synchronisation inside a training step (issue 8), for every model family and
+task: the syncs a GPU run would make, found on a CPU by op name (tests.host_syncs).
+
+Steps 2-4 of each run are watched, none of them a logging, progress-bar, throughput,
+checkpoint or non-finite-check step: those read the device by design, every n steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lmlab.models.layers.moe import MoEFeedForward
+from lmlab.train import run
+from tests.host_syncs import StepSyncs
+
+QUIET = [
+    "trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.log_every_n_steps=1000",
+    "callbacks.progress_bar.refresh_rate=1000", "callbacks.throughput.log_every_n_steps=1000",
+    "callbacks.nonfinite.check_every_n_steps=1000", "callbacks.last_checkpoint.every_n_steps=1000",
+    "+callbacks.step_syncs._target_=tests.host_syncs.StepSyncs",
+]
+# Reads that only happen on a CPU, where they cost nothing (each says so where it is made).
+CPU_ONLY = ("_unless_full",)
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model=gqa", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0",
+     "trainer.accumulate_grad_batches=2", "trainer.max_steps=12"],  # (the bar also refreshes at its total)
+    ["model=moe", "model.capacity_factor=1.25"],
+    ["model=moe", "model.router=expert_choice"],
+    ["model=hybrid", "model.n_layers=4"],
+    ["model=bert", "task=mlm", "data=text"],
+    ["model=bert", "task=classify", "data=classification", "peft=lora"],
+    ["model=t5", "task=seq2seq", "data=parallel"],
+    ["task=distill", "TEACHER"],
+], ids=["gpt", "gqa-bf16-clip-accumulate", "moe-capacity", "moe-expert-choice", "hybrid", "bert-mlm",
+        "bert-classify-lora", "t5-seq2seq", "distill"])
+def test_training_steps_never_wait_for_the_device(overrides, make_cfg, request, monkeypatch):
+    # MoE layers gather exactly on a CPU, where reading counts is free; watch the GPU's path.
+    monkeypatch.setattr(MoEFeedForward, "buffers_on_cpu", True)
+    overrides = [f"teacher={request.getfixturevalue('teacher_ckpt')}" if o == "TEACHER" else o
+                 for o in overrides]
+    record = run(make_cfg(QUIET + overrides))
+    assert record["status"] == "completed"
+    watcher = StepSyncs.latest
+    assert watcher is not None and watcher.watched >= 3
+    found = {key: n for key, n in watcher.syncs.found.items() if not any(f in key[1] for f in CPU_ONLY)}
+    assert not found, "\n".join(f"{n}x {op} at {where}" for (op, where), n in found.items())
