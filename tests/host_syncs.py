@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import traceback
 from collections import Counter
+from collections.abc import Callable, Iterable
 
 import lightning as L
 import torch
@@ -44,17 +45,23 @@ def _is_mask(index) -> bool:
 
 
 class HostSyncs(TorchDispatchMode):
-    """`with HostSyncs() as syncs: ...`, then `syncs.found` counts (op, where it was issued)."""
+    """`with HostSyncs() as syncs: ...`, then `syncs.found` counts (op, where it was issued).
 
-    def __init__(self):
+    `host_tensors`: a function giving the tensors that live on the host on a GPU run too
+    (torch keeps an optimizer's step counts there unless it is fused or capturable), whose
+    reads wait for nothing; asked at each read, as optimizers create their state lazily."""
+
+    def __init__(self, host_tensors: Callable[[], Iterable[torch.Tensor]] = tuple):
         super().__init__()
         self.found: Counter[tuple[str, str]] = Counter()
+        self.host_tensors = host_tensors
         self._originals = {}
         self._quiet = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
-        if self._quiet:
+        if self._quiet or (name == "aten::_local_scalar_dense"
+                           and any(args[0] is t for t in self.host_tensors())):
             return func(*args, **(kwargs or {}))
         if name in SYNCING_OPS or (name in MASK_INDEXED_OPS and any(
                 _is_mask(i) for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()))):
@@ -95,6 +102,18 @@ class HostSyncs(TorchDispatchMode):
         return "\n".join(f"{count}x {op} at {where}" for (op, where), count in self.found.most_common())
 
 
+def host_step_counts(optimizers) -> list[torch.Tensor]:
+    """The step counts torch's optimizers keep on the host (all but fused or capturable ones)."""
+    counts = []
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            if group.get("fused") or group.get("capturable"):
+                continue
+            counts += [optimizer.state[p]["step"] for p in group["params"]
+                       if isinstance(optimizer.state.get(p, {}).get("step"), torch.Tensor)]
+    return counts
+
+
 class StepSyncs(L.Callback):
     """Records the host syncs of training steps `first` .. `last - 1` of a run, from batch start
     to batch end (forward, backward, optimizer step and every callback in between). Add it to a
@@ -105,13 +124,15 @@ class StepSyncs(L.Callback):
 
     def __init__(self, first: int = 2, last: int = 5):
         self.first, self.last = first, last
-        self.syncs = HostSyncs()
+        self.syncs = HostSyncs(lambda: host_step_counts(self._optimizers))
+        self._optimizers = []
         self.watched = 0
         self._on = False
         StepSyncs.latest = self
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.first <= trainer.global_step < self.last:
+            self._optimizers = trainer.optimizers
             self.syncs.__enter__()
             self._on = True
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from lmlab.optim.adafactor import Adafactor
 from lmlab.optim.lamb import lamb
 from lmlab.tasks.base import split_weight_decay
 from tests.conftest import CONF_DIR, compose_config
@@ -84,13 +85,14 @@ def naive_adafactor(w, state, g, t, lr, beta2_decay, eps1, eps2, d, wd):
     return w - alpha * U
 
 
+@pytest.mark.parametrize("implementation", [Adafactor, torch.optim.Adafactor], ids=["lmlab", "torch"])
 @pytest.mark.parametrize("foreach", [True, False])
-def test_adafactor_matches_the_paper(foreach):
+def test_adafactor_matches_the_paper(foreach, implementation):
     torch.manual_seed(0)
     init = [torch.randn(5, 3, dtype=torch.float64) * 0.5, torch.randn(3, dtype=torch.float64) * 1e-4]
     params = [nn.Parameter(t.clone()) for t in init]
     lr, beta2_decay, eps2, d, wd = 0.3, -0.8, 1e-3, 1.0, 0.1
-    opt = torch.optim.Adafactor(
+    opt = implementation(
         [{"params": [params[0]], "weight_decay": wd}, {"params": [params[1]], "weight_decay": 0.0}],
         lr=lr, beta2_decay=beta2_decay, eps=(None, eps2), d=d, foreach=foreach)
     eps1 = torch.finfo(torch.float64).eps
@@ -107,6 +109,37 @@ def test_adafactor_matches_the_paper(foreach):
         torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
     # factored: a row and a column vector for the matrix, not a full second moment
     assert {k: tuple(v.shape) for k, v in opt.state[params[0]].items() if v.ndim} == {"row_var": (5, 1), "col_var": (1, 3)}
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adafactor_agrees_with_torch_and_never_waits_for_the_device(foreach):
+    # torch's state and update (checkpoints move between the two), with its per-tensor .item()
+    # reads of the relative step and the clipping gone; a tensor skipping a step keeps its own
+    # step count, as in torch.
+    from tests.host_syncs import HostSyncs, host_step_counts
+
+    torch.manual_seed(0)
+    shapes = [(5, 3), (3,), (4, 6, 2), (7,)]
+    init = [torch.randn(s) for s in shapes]
+    ours, theirs = ([nn.Parameter(t.clone()) for t in init] for _ in range(2))
+    opts = [cls([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}], lr=0.05, weight_decay=0.1,
+                foreach=foreach, maximize=False)
+            for cls, ps in ((Adafactor, ours), (torch.optim.Adafactor, theirs))]
+    for step in range(6):
+        grads = [torch.randn(s) for s in shapes]
+        for params in (ours, theirs):
+            for p, g in zip(params, grads):
+                p.grad = None if step == 3 and p is params[3] else g.clone()
+        with HostSyncs(lambda: host_step_counts(opts[:1])) as syncs:  # torch keeps the counts on the host
+            opts[0].step()
+        assert not syncs.found, syncs.report()
+        opts[1].step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    mine, reference = opts[0].state_dict()["state"], opts[1].state_dict()["state"]
+    assert all(mine[k].keys() == reference[k].keys() and torch.equal(mine[k]["step"], reference[k]["step"])
+               for k in reference)
+    assert mine[3]["step"].item() == 5
 
 
 # -- AdamW8bit ------------------------------------------------------------------------------------
