@@ -46,7 +46,7 @@ part_tests() {
   # The CUDA-only tests, the one never run yet first; DeepSpeed is not in the image.
   timeout 400 $PY -m pytest -q -p no:cacheprovider \
     "tests/callbacks/test_memory.py::test_cuda_peak_is_each_runs_own_in_one_process" \
-    tests/strategies/test_gpu.py tests/callbacks -k "cuda or gpu" 2>&1 | tail -25
+    tests/strategies/test_gpu.py tests/callbacks tests/test_step_syncs.py -k "cuda or gpu" 2>&1 | tail -25
 }
 
 # One short run of the recipe per variant; the summary is the record's `throughput`.

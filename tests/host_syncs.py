@@ -11,6 +11,7 @@ at the Python methods that read tensors without dispatching an op on a CPU (`tol
 from __future__ import annotations
 
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 
@@ -146,3 +147,40 @@ class StepSyncs(L.Callback):
         if self._on:  # a step that raised: leave no mode or patched method behind
             self.syncs.__exit__(None, None, None)
             self._on = False
+
+
+class CudaStepSyncs(StepSyncs):
+    """On a GPU, the real thing: CUDA's sync debug mode warns at every synchronising call
+    (device reads and pageable host-to-device copies included) during the watched steps;
+    `found` counts (message, where) as `HostSyncs` does."""
+
+    def __init__(self, first: int = 2, last: int = 5):
+        super().__init__(first, last)
+        self.found: Counter[tuple[str, str]] = Counter()
+        self._catcher = None
+        self._caught: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first <= trainer.global_step < self.last:
+            self._catcher = warnings.catch_warnings(record=True)
+            self._caught = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            self._on = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._on:
+            self._stop()
+            self.watched += 1
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if self._on:
+            self._stop()
+
+    def _stop(self) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self._catcher.__exit__(None, None, None)
+        self._on = False
+        for w in self._caught:
+            if "synchroniz" in str(w.message):
+                self.found[(str(w.message)[:80], f"{w.filename.split('/')[-1]}:{w.lineno}")] += 1

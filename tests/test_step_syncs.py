@@ -9,10 +9,11 @@ checkpoint or non-finite-check step: those read the device by design, every n st
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lmlab.models.layers.moe import MoEFeedForward
 from lmlab.train import run
-from tests.host_syncs import StepSyncs
+from tests.host_syncs import CudaStepSyncs, StepSyncs
 
 QUIET = [
     "trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.log_every_n_steps=1000",
@@ -50,3 +51,18 @@ def test_training_steps_never_wait_for_the_device(overrides, make_cfg, request, 
     assert watcher is not None and watcher.watched >= 3
     found = {key: n for key, n in watcher.syncs.found.items() if not any(f in key[1] for f in CPU_ONLY)}
     assert not found, "\n".join(f"{n}x {op} at {where}" for (op, where), n in found.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("overrides", [
+    [], ["model=moe", "model.capacity_factor=1.25"], ["model=bert", "task=mlm", "data=text"],
+    ["model=t5", "task=seq2seq", "data=parallel"], ["optimizer=adafactor"],
+], ids=["gpt", "moe-capacity", "bert-mlm", "t5-seq2seq", "adafactor"])
+def test_cuda_training_steps_never_synchronize(overrides, make_cfg):
+    # CUDA's own sync debug mode over steps 2-4 of a bf16 run on the GPU.
+    quiet = [o.replace("tests.host_syncs.StepSyncs", "tests.host_syncs.CudaStepSyncs") for o in QUIET]
+    record = run(make_cfg(["trainer=gpu"] + quiet + overrides))
+    assert record["status"] == "completed"
+    watcher = StepSyncs.latest
+    assert isinstance(watcher, CudaStepSyncs) and watcher.watched >= 3
+    assert not watcher.found, "\n".join(f"{n}x {m} at {where}" for (m, where), n in watcher.found.items())
