@@ -46,6 +46,17 @@ class PromptLearningLM(nn.Module):
         """What `HFBackbone.hidden` calls: the same forward, returning `last_hidden_state`."""
         return partial(self.forward, hidden=True)
 
+    def _prompt(self, batch_size: int) -> Any:
+        """peft's prompt (or prefix keys/values) for a batch. peft keeps the virtual tokens'
+        ids in a host tensor outside the module and copies it to the device at every call: a
+        blocking copy, i.e. a GPU sync per step. Moved once instead."""
+        adapter = self.peft_model.active_adapter
+        device = self.peft_model.prompt_encoder[adapter].embedding.weight.device
+        tokens = self.peft_model.prompt_tokens[adapter]
+        if tokens.device != device:
+            self.peft_model.prompt_tokens[adapter] = tokens.to(device)
+        return self.peft_model.get_prompt(batch_size=batch_size)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: Any = None,
                 use_cache: bool = False, hidden: bool = False) -> SimpleNamespace:
@@ -59,13 +70,13 @@ class PromptLearningLM(nn.Module):
         if self.is_prefix:
             inputs["input_ids"] = input_ids
             if first:
-                past_key_values = self.peft_model.get_prompt(batch_size=B)
+                past_key_values = self._prompt(B)
             if position_ids is not None:
                 position_ids = position_ids + P
         else:
             embeds = model.get_input_embeddings()(input_ids)
             if first:
-                prompt = self.peft_model.get_prompt(batch_size=B).to(embeds.dtype)
+                prompt = self._prompt(B).to(embeds.dtype)
                 embeds = torch.cat([prompt, embeds], dim=1)
             inputs["inputs_embeds"] = embeds
             if position_ids is not None:  # given with a mask: count real tokens, prompt first

@@ -233,8 +233,13 @@ class LMTask(L.LightningModule):
             return
         load = load.detach().float()
         self.log("train/expert_load_max", (load.max(dim=-1).values * load.shape[-1]).mean())
-        if not self.expert_load_every or self.global_step % self.expert_load_every or not self.loggers:
+        # Steps n-1, 2n-1, ...: where the loggers read the device anyway (log_every_n_steps
+        # divides the default 50), and once per step under gradient accumulation, so the table's
+        # host read adds no wait of its own.
+        if (not self.expert_load_every or (self.global_step + 1) % self.expert_load_every
+                or not self.loggers or self.__dict__.get("_expert_load_step") == self.global_step):
             return
+        self._expert_load_step = self.global_step
         table = load.cpu().tolist()
         values = {
             f"train/expert_load/layer{i}/expert{j}": share
