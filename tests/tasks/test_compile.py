@@ -170,3 +170,41 @@ def test_compiled_backward_keeps_the_fp32_matmuls_of_emulated_bf16(monkeypatch):
     assert mm_dtypes and set(mm_dtypes) == {torch.float32}
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["decoder", "encoder"])
+def test_classification_trains_compiled(monkeypatch, family):
+    """task=classify pools the backbone's `hidden`, not its forward: under model.compile that
+    method is compiled too (on first use), with the eager numbers; evaluation stays eager."""
+    from lmlab.tasks import ClassificationTask
+
+    compiled_calls = []
+    real_compile = torch.compile
+
+    def recording_compile(target, **kwargs):
+        compiled_calls.append(getattr(target, "__name__", type(target).__name__))
+        return real_compile(target, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    tokenizer = build_tokenizer({"kind": "byte"})
+    tasks = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        backbone = tiny_backbone(family, tokenizer.vocab_size, compile=compile_, n_layers=1)
+        tasks.append(ClassificationTask(backbone, tokenizer, adamw(), num_classes=3, classifier_dropout=0.0).train())
+    eager, compiled = tasks
+    compiled.load_state_dict(eager.state_dict())
+    ids = torch.randint(6, 200, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    out_eager, out_compiled = eager(ids, mask), compiled(ids, mask)
+    assert compiled_calls == ["DecoderLM" if family == "decoder" else "EncoderModel", "hidden"]
+    torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-6)
+    out_compiled.square().sum().backward(), out_eager.square().sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, mask), eager(ids, mask))

@@ -52,12 +52,22 @@ class CompiledBackbone:
     setting is read while the joint graph is traced, i.e. inside the forward call.
     """
 
-    def __init__(self, compiled: nn.Module) -> None:
+    def __init__(self, compiled: nn.Module, mode: str = "default") -> None:
         self.compiled = compiled
+        self.mode = mode
+        self._hidden = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with functorch_config.patch(backward_pass_autocast="off"):
             return self.compiled(*args, **kwargs)
+
+    def hidden(self, *args: Any, **kwargs: Any) -> Any:
+        """The backbone's `hidden` (final hidden states: what task=classify pools), compiled on
+        first use: `torch.compile` of a module compiles its `forward` only."""
+        if self._hidden is None:
+            self._hidden = torch.compile(self.compiled._orig_mod.hidden, mode=self.mode)
+        with functorch_config.patch(backward_pass_autocast="off"):
+            return self._hidden(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:  # accepts_labels, config, ... of the backbone
         if name == "compiled":  # not set yet (copy, unpickling): no recursion
@@ -166,7 +176,7 @@ class LMTask(L.LightningModule):
         # the state dict and checkpoints do not change.
         config = getattr(backbone, "config", None)
         mode = getattr(config, "compile_mode", "default")
-        compiled = (CompiledBackbone(torch.compile(backbone, mode=mode))
+        compiled = (CompiledBackbone(torch.compile(backbone, mode=mode), mode)
                     if getattr(config, "compile", False) else None)
         self.__dict__["_compiled_backbone"] = compiled
         # CUDA graphs (on a GPU; torch skips them elsewhere) replay every step into the same

@@ -90,7 +90,7 @@ class ClassificationTask(LMTask):
         # A causal decoder's real tokens never see the right padding, so it needs no mask
         # (which keeps attention on the fused causal path); an encoder must mask the pads.
         mask = attention_mask if self.family != "decoder" else None
-        hidden = self.backbone.hidden(input_ids, mask)
+        hidden = self.step_backbone().hidden(input_ids, mask)  # compiled in training under model.compile
         pooled = pool_hidden(hidden, attention_mask, self.pooling)
         return self.classifier(self.classifier_dropout(pooled)).float()
 
