@@ -92,7 +92,8 @@ class HFBackbone(nn.Module):
         self.id_offset = id_offset
         # from_pretrained returns eval mode; a fresh lmlab module trains (dropout on) until .eval().
         self.hf = _load_causal_lm(directory, config).train()
-        if getattr(config, "activation_checkpointing", False):  # HF's own; active in train mode only
+        self._checkpointing = bool(getattr(config, "activation_checkpointing", False))
+        if self._checkpointing:  # HF's own; active in train mode only
             kwargs = {"use_reentrant": False}
             if hasattr(self.hf, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
                 self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -185,7 +186,13 @@ class HFBackbone(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
             raise ValueError(f"attention_mask must have shape {(B, past + T)} (batch, cached + "
                              f"new tokens), got {tuple(attention_mask.shape)}")
-        kwargs: dict[str, Any] = {"use_cache": cache is not None}
+        # Without a cache of ours (training, evaluation) use_cache is left to the model's config
+        # (True for HF's causal LMs): called with use_cache=False and no cache, transformers
+        # reads the positions to the host to look for packed sequences, a GPU sync in every
+        # forward; the cache it builds instead holds the keys/values autograd keeps anyway.
+        # Under activation checkpointing transformers turns caching off (with a warning): off.
+        kwargs: dict[str, Any] = {"use_cache": True if cache is not None else (
+            False if self._checkpointing else None)}
         if cache is not None and cache.past is not None:
             kwargs["past_key_values"] = cache.past
         if attention_mask is not None:

@@ -59,7 +59,7 @@ class PromptLearningLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: Any = None,
-                use_cache: bool = False, hidden: bool = False) -> SimpleNamespace:
+                use_cache: bool | None = False, hidden: bool = False) -> SimpleNamespace:
         B, T = input_ids.shape
         P = self.n_virtual_tokens
         model = self.peft_model.get_base_model()
