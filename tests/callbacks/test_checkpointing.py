@@ -204,3 +204,32 @@ def test_resume_checkpoint_is_due_by_steps_and_by_wall_time(monkeypatch, tmp_pat
     by_steps = ckpt.ResumeCheckpoint(str(tmp_path), every_n_steps=5)
     assert [s for s in range(1, 16) if by_steps._due(SimpleNamespace(global_step=s, received_sigterm=False, world_size=1))] == [5, 10, 15]
     assert by_steps._due(SimpleNamespace(global_step=3, received_sigterm=True, world_size=1))  # preemption saves now
+
+
+def test_several_ranks_save_by_rank_zeros_clock_through_the_consensus(monkeypatch, tmp_path):
+    # With several processes the time-based decision rides on SigtermConsensus's CPU exchange
+    # (no per-step broadcast, a device round trip on NCCL): the checkpoint lends its clock as
+    # the vote, acts on the agreed vote, and ignores one made before its last save.
+    from types import SimpleNamespace
+
+    import lmlab.callbacks.checkpointing as ckpt
+    from lmlab.strategies.preemption import SigtermConsensus
+
+    clock = [100.0]
+    monkeypatch.setattr(ckpt.time, "monotonic", lambda: clock[0])
+    resume = ckpt.ResumeCheckpoint(str(tmp_path), every_n_steps=None, every_n_seconds=60)
+    consensus = SigtermConsensus()
+    consensus._group = object()  # as in a run of several processes
+    broadcasts = []
+    trainer = SimpleNamespace(global_step=7, received_sigterm=False, world_size=2, callbacks=[consensus],
+                              strategy=SimpleNamespace(broadcast=lambda *a, **k: broadcasts.append(a)))
+    assert not resume._due(trainer) and consensus.time_voter() is False
+    clock[0] += 61
+    assert consensus.time_voter() is True and not resume._due(trainer)  # not agreed yet
+    consensus.time_due = True  # the vote came back from the exchange
+    assert resume._due(trainer)
+    resume._saved_step, resume._last_time = 7, clock[0]  # what save() records
+    trainer.global_step = 8  # the vote made at step 7 was made before that save: stale
+    assert not resume._due(trainer)
+    trainer.global_step = 9
+    assert resume._due(trainer) and broadcasts == []

@@ -168,6 +168,9 @@ def test_time_based_checkpoints_agree_across_ranks(tmp_path):
            f"paths.cache_dir={tmp_path / 'cache'}"], timeout=240)
     record = read_record(run_dir)
     assert record["status"] == "completed" and record["step"] == 40
+    # saves by time did happen before the final one (whose predecessor is kept)
+    previous = torch.load(run_dir / "checkpoints" / "last.prev.ckpt", map_location="cpu", weights_only=False)
+    assert 0 < previous["global_step"] < 40
 
 
 @pytest.mark.slow

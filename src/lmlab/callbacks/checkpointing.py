@@ -20,6 +20,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lmlab.strategies.preemption import consensus_of
+
 log = logging.getLogger("lmlab")
 
 LAST_NAME = "last.ckpt"
@@ -130,22 +132,31 @@ class ResumeCheckpoint(L.Callback):
         step = trainer.global_step
         if step == self._saved_step or step == 0:
             return False
-        by_time = self._time_due(trainer)  # first: a collective every rank must reach
+        by_time = self._time_due(trainer)  # first: without the consensus, a collective every rank must reach
         if getattr(trainer, "received_sigterm", False):
             return True
         return bool(self.every_n_steps and step % self.every_n_steps == 0) or by_time
 
+    def _clock_due(self) -> bool:
+        return self.every_n_seconds is not None and time.monotonic() - self._last_time >= self.every_n_seconds
+
     def _time_due(self, trainer: L.Trainer) -> bool:
         if self.every_n_seconds is None:
             return False
-        due = time.monotonic() - self._last_time >= self.every_n_seconds
-        if trainer.world_size > 1:
-            # The ranks' clocks differ, and a save is collective: ranks that disagreed would
-            # wait for each other forever (rank zero in the save, the others in the next step's
-            # all-reduce). Rank zero's clock decides, as in Lightning's ModelCheckpoint with
-            # train_time_interval: one broadcast a step, only when every_n_seconds is set.
-            due = trainer.strategy.broadcast(due, src=0)
-        return due
+        if trainer.world_size == 1:
+            return self._clock_due()
+        # The ranks' clocks differ, and a save is collective: ranks that disagreed would wait
+        # for each other forever (rank zero in the save, the others in the next step's
+        # all-reduce). Rank zero's clock decides. Its vote rides on the ranks' SIGTERM exchange
+        # (lmlab.strategies.preemption), a CPU all-reduce a step late; a vote made before the
+        # last step's save is stale.
+        consensus = consensus_of(trainer)
+        if consensus is not None and consensus.active:
+            consensus.time_voter = self._clock_due
+            return consensus.time_due and trainer.global_step > self._saved_step + 1
+        # Without it (a Trainer not built by lmlab.train): a broadcast every step, which on
+        # NCCL is a device round trip, as in Lightning's ModelCheckpoint(train_time_interval).
+        return trainer.strategy.broadcast(self._clock_due(), src=0)
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not weights_are_finite(pl_module, trainer):

@@ -31,11 +31,17 @@ different batches would hang in its metric reductions. The job ends at the kill 
 resumes from the `last.ckpt` saved when training ended.
 
 Single-process runs keep Lightning's handling: without other ranks it has no collective.
+
+The same exchange carries rank zero's vote for a time-based save (`ResumeCheckpoint`'s
+`every_n_seconds`): the ranks' clocks differ and a save is collective, so one clock must decide
+for all; a broadcast of it at every step would be a device round trip on NCCL. The vote arrives
+a step later, at the same batch on every rank.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import FrameType
 
 import lightning as L
@@ -55,6 +61,14 @@ class SigtermConsensus(L.Callback):
         self._signalled = False
         self._flag: torch.Tensor | None = None
         self._exchange: dist.Work | None = None
+        # Rank zero's vote for a time-based save, as agreed at this boundary (made at the last).
+        self.time_due = False
+        self.time_voter: Callable[[], bool] | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether this run's ranks exchange notes (several processes, inside `fit`)."""
+        return self._group is not None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
@@ -83,19 +97,23 @@ class SigtermConsensus(L.Callback):
         # The boundaries ResumeCheckpoint saves at: mid-accumulation state cannot be resumed.
         if self._group is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
-        if self._collect():
+        signalled, self.time_due = self._collect()
+        if signalled:
             trainer._signal_connector.received_sigterm = True
-        self._flag = torch.tensor([int(self._signalled)], dtype=torch.int32)
+        vote = trainer.is_global_zero and self.time_voter is not None and self.time_voter()
+        self._flag = torch.tensor([int(self._signalled), int(vote)], dtype=torch.int32)
         self._exchange = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group,
                                          async_op=True)
 
-    def _collect(self) -> bool:
-        """The previous exchange's result: whether any rank had been signalled by then."""
+    def _collect(self) -> tuple[bool, bool]:
+        """The previous exchange's result: whether any rank had been signalled by then, and
+        whether rank zero voted for a time-based save."""
         if self._exchange is None or self._flag is None:
-            return False
+            return False, False
         self._exchange.wait()
         self._exchange = None
-        return bool(self._flag.item())  # a CPU tensor: no device synchronisation
+        signalled, vote = self._flag.tolist()  # CPU tensors: no device synchronisation
+        return bool(signalled), bool(vote)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._collect()  # every rank started the same exchanges: none is left in flight
@@ -114,6 +132,11 @@ class SigtermConsensus(L.Callback):
 
 def _no_broadcast() -> None:
     """Lightning's per-batch broadcast of rank zero's SIGTERM flag, replaced by the exchange."""
+
+
+def consensus_of(trainer: L.Trainer) -> SigtermConsensus | None:
+    """The trainer's `SigtermConsensus`, if it has one."""
+    return next((c for c in trainer.callbacks if isinstance(c, SigtermConsensus)), None)
 
 
 def use_sigterm_consensus(trainer: L.Trainer) -> None:
