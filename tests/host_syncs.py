@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that read a device value on the host, or size their output by the data.
 SYNCING_OPS = frozenset({
-    "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::nonzero_static",
+    "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::equal",
     "aten::masked_select", "aten::bincount", "aten::_unique", "aten::_unique2",
     "aten::unique_dim", "aten::unique_consecutive", "aten::repeat_interleave",
 })
@@ -116,10 +116,13 @@ def host_step_counts(optimizers) -> list[torch.Tensor]:
 
 
 class StepSyncs(L.Callback):
-    """Records the host syncs of training steps `first` .. `last - 1` of a run, from batch start
-    to batch end (forward, backward, optimizer step and every callback in between). Add it to a
-    run with `+callbacks.step_syncs._target_=tests.host_syncs.StepSyncs`; the instance is
-    `StepSyncs.latest`."""
+    """Records the host syncs of training steps `first` .. `last - 1` of a run, from its own
+    batch start to its own batch end: the forward, backward and optimizer step with every
+    callback hook between them, and the batch-end hooks of the callbacks listed before it. Not
+    seen: the batch-start hooks of the callbacks before it, the batch-end hooks of checkpoint
+    callbacks (Lightning runs those last), and the batch's transfer (host-side work here). Add
+    it with `+callbacks.step_syncs._target_=tests.host_syncs.StepSyncs` (last in the list); the
+    instance is `StepSyncs.latest`."""
 
     latest: StepSyncs | None = None
 

@@ -206,3 +206,19 @@ def test_hf_prefix_tuning_through_peft_trains_and_generates(tiny_hf_dir, reparam
                                         use_cache=False))
     assert torch.equal(cached[1], generate(model, prompt[1:, 3:], None, max_new_tokens=6,
                                            vocab_size=vocab)[0])
+
+
+def test_peft_virtual_token_ids_move_to_the_prompt_encoders_device_once(tiny_hf_dir):
+    # peft keeps them in a host tensor outside the module tree and copies them to the device
+    # in every forward, a blocking copy (a GPU sync per step); lmlab moves them once. A meta
+    # prompt encoder stands in for a GPU one here.
+    model = hf_backbone(tiny_hf_dir)
+    _prefix().apply(model)
+    wrapper, peft_model = model.hf, model.hf.peft_model
+    adapter = peft_model.active_adapter
+    peft_model.prompt_encoder[adapter].to("meta")
+    wrapper._prompt(2)
+    moved = peft_model.prompt_tokens[adapter]
+    assert moved.device.type == "meta"
+    wrapper._prompt(2)
+    assert peft_model.prompt_tokens[adapter] is moved

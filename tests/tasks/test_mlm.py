@@ -89,6 +89,28 @@ def test_training_batches_are_masked_on_the_host_as_the_step_would(text_dm):
         assert trained == pytest.approx(reference, rel=1e-5)
 
 
+def test_host_masks_are_page_locked_for_a_gpu_run(text_dm, monkeypatch):
+    # Lightning moves batches with non_blocking=True: from pageable memory that copy still
+    # waits, so the masks made in the transfer hook are pinned when the run is on CUDA (pinning
+    # itself needs CUDA: recorded here instead).
+    from types import SimpleNamespace
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t)
+    task = _task(text_dm)
+    batch = next(iter(text_dm.train_dataloader()))
+    for device, expected in (("cpu", 0), ("cuda", 3)):
+        task._trainer = SimpleNamespace(
+            training=True, global_step=4, global_rank=0, accumulate_grad_batches=1,
+            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=-1)),
+            strategy=SimpleNamespace(root_device=torch.device(device)))
+        pinned.clear()
+        out = task.on_before_batch_transfer(dict(batch), 0)
+        assert out["mlm_step"] == (4, 0) and len(pinned) == expected
+        if expected:
+            assert {id(t) for t in pinned} == {id(out[k]) for k in ("mlm_input_ids", "mlm_positions", "mlm_targets")}
+
+
 def test_evaluation_masks_do_not_depend_on_the_batching(text_dm):
     # Each row's masks follow its index in the split: 16 windows in batches of 16, of 3, or as
     # one of two ranks' shares (lmlab.data.eval_sharding) get the same masks.

@@ -186,13 +186,15 @@ class HFBackbone(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
             raise ValueError(f"attention_mask must have shape {(B, past + T)} (batch, cached + "
                              f"new tokens), got {tuple(attention_mask.shape)}")
-        # Without a cache of ours (training, evaluation) use_cache is left to the model's config
-        # (True for HF's causal LMs): called with use_cache=False and no cache, transformers
-        # reads the positions to the host to look for packed sequences, a GPU sync in every
-        # forward; the cache it builds instead holds the keys/values autograd keeps anyway.
-        # Under activation checkpointing transformers turns caching off (with a warning): off.
-        kwargs: dict[str, Any] = {"use_cache": True if cache is not None else (
-            False if self._checkpointing else None)}
+        # In a training step (no cache of ours, gradients on) use_cache is left to the model's
+        # config (True for HF's causal LMs, unless a checkpoint saved it off): called with
+        # use_cache=False and no cache, transformers reads the positions to the host to look
+        # for packed sequences, a GPU sync in every step; the cache it builds instead holds the
+        # keys/values autograd keeps anyway. Off without gradients (evaluation: a cache would
+        # keep every layer's keys/values alive to the end of the forward) and under activation
+        # checkpointing (transformers turns it off itself, with a warning).
+        training = torch.is_grad_enabled() and not self._checkpointing
+        kwargs: dict[str, Any] = {"use_cache": True if cache is not None else (None if training else False)}
         if cache is not None and cache.past is not None:
             kwargs["past_key_values"] = cache.past
         if attention_mask is not None:

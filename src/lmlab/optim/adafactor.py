@@ -64,7 +64,9 @@ def _adafactor(params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor 
     root_numel = [math.sqrt(p.numel()) for p in params]
 
     # alpha = max(eps2, RMS(w)) * rho_t, on the device (before weight decay, as torch)
-    alphas = list(torch._foreach_norm(params))
+    # the scalars in at least fp32, also for bf16/fp16 parameters (one rounding, as torch's)
+    scalar_dtype = torch.promote_types(params[0].dtype, torch.float32)
+    alphas = list(torch._foreach_norm(params, 2, dtype=scalar_dtype))
     torch._foreach_div_(alphas, root_numel)
     torch._foreach_clamp_min_(alphas, eps2)
     torch._foreach_mul_(alphas, rho)
@@ -91,7 +93,7 @@ def _adafactor(params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor 
     torch._foreach_clamp_min_(estimates, eps1 * eps1)
     torch._foreach_rsqrt_(estimates)
     torch._foreach_mul_(estimates, grads)
-    clip = list(torch._foreach_norm(estimates))
+    clip = list(torch._foreach_norm(estimates, 2, dtype=scalar_dtype))
     torch._foreach_div_(clip, [r * d for r in root_numel])
     torch._foreach_clamp_min_(clip, 1.0)
     scales = torch._foreach_div(alphas, clip)

@@ -32,6 +32,26 @@ def test_forward_and_hidden_match_the_hf_model(hf_model, name):
         assert (logits - hf(ids).logits).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_training_steps_let_transformers_cache_and_evaluation_does_not(hf_model, name):
+    # use_cache=False without a cache makes transformers read the positions to the host in
+    # every training forward (a GPU sync); a cache in evaluation would only keep every layer's
+    # keys/values alive. Gradients match either way.
+    from tests.host_syncs import HostSyncs
+
+    _, directory = hf_model(name)
+    backbone = HFBackbone(ModelConfig(), path=directory).train()
+    ids = _ids()
+    with HostSyncs() as syncs:
+        backbone(ids).logsumexp(-1).mean().backward()
+    assert not syncs.found, syncs.report()
+    assert backbone._inputs(ids, None, None)["use_cache"] is None
+    with torch.no_grad():
+        assert backbone._inputs(ids, None, None)["use_cache"] is False
+    checkpointed = HFBackbone(ModelConfig(activation_checkpointing=True), path=directory).train()
+    assert checkpointed._inputs(ids, None, None)["use_cache"] is False  # transformers turns it off
+
+
 def test_generation_with_cache_left_padding_and_eos(hf_model):
     _, directory = hf_model("llama")
     backbone = HFBackbone(ModelConfig(), path=directory).eval()
