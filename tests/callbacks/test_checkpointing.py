@@ -226,10 +226,10 @@ def test_several_ranks_save_by_rank_zeros_clock_through_the_consensus(monkeypatc
     assert not resume._due(trainer) and consensus.time_voter() is False
     clock[0] += 61
     assert consensus.time_voter() is True and not resume._due(trainer)  # not agreed yet
-    consensus.time_due = True  # the vote came back from the exchange
+    consensus.time_due, consensus.time_vote_step = True, 6  # the vote cast at step 6 came back
     assert resume._due(trainer)
     resume._saved_step, resume._last_time = 7, clock[0]  # what save() records
-    trainer.global_step = 8  # the vote made at step 7 was made before that save: stale
+    trainer.global_step, consensus.time_vote_step = 8, 7  # cast at step 7, before that save: stale
     assert not resume._due(trainer)
-    trainer.global_step = 9
+    trainer.global_step, consensus.time_vote_step = 9, 8
     assert resume._due(trainer) and broadcasts == []

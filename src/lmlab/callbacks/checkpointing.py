@@ -148,12 +148,12 @@ class ResumeCheckpoint(L.Callback):
         # The ranks' clocks differ, and a save is collective: ranks that disagreed would wait
         # for each other forever (rank zero in the save, the others in the next step's
         # all-reduce). Rank zero's clock decides. Its vote rides on the ranks' SIGTERM exchange
-        # (lmlab.strategies.preemption), a CPU all-reduce a step late; a vote made before the
-        # last step's save is stale.
+        # (lmlab.strategies.preemption), a CPU all-reduce a step late; a vote cast at the
+        # boundary of the last save, before it, is stale.
         consensus = consensus_of(trainer)
         if consensus is not None and consensus.active:
             consensus.time_voter = self._clock_due
-            return consensus.time_due and trainer.global_step > self._saved_step + 1
+            return consensus.time_due and consensus.time_vote_step > self._saved_step
         # Without it (a Trainer not built by lmlab.train): a broadcast every step, which on
         # NCCL is a device round trip, as in Lightning's ModelCheckpoint(train_time_interval).
         return trainer.strategy.broadcast(self._clock_due(), src=0)

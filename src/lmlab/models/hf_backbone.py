@@ -190,9 +190,10 @@ class HFBackbone(nn.Module):
         # config (True for HF's causal LMs, unless a checkpoint saved it off): called with
         # use_cache=False and no cache, transformers reads the positions to the host to look
         # for packed sequences, a GPU sync in every step; the cache it builds instead holds the
-        # keys/values autograd keeps anyway. Off without gradients (evaluation: a cache would
-        # keep every layer's keys/values alive to the end of the forward) and under activation
-        # checkpointing (transformers turns it off itself, with a warning).
+        # keys/values autograd keeps anyway. Off without gradients (evaluation, and a
+        # distillation teacher, which then pays the read: a cache would keep every layer's
+        # keys/values alive to the end of the forward) and under activation checkpointing
+        # (transformers turns it off there itself, read included).
         training = torch.is_grad_enabled() and not self._checkpointing
         kwargs: dict[str, Any] = {"use_cache": True if cache is not None else (None if training else False)}
         if cache is not None and cache.past is not None:

@@ -64,7 +64,8 @@ def _adafactor(params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor 
     root_numel = [math.sqrt(p.numel()) for p in params]
 
     # alpha = max(eps2, RMS(w)) * rho_t, on the device (before weight decay, as torch)
-    # the scalars in at least fp32, also for bf16/fp16 parameters (one rounding, as torch's)
+    # the scalars in at least fp32 for bf16/fp16 parameters too (torch rounds the norms to the
+    # parameter's dtype first: within one bf16 ulp of it)
     scalar_dtype = torch.promote_types(params[0].dtype, torch.float32)
     alphas = list(torch._foreach_norm(params, 2, dtype=scalar_dtype))
     torch._foreach_div_(alphas, root_numel)

@@ -61,9 +61,12 @@ class SigtermConsensus(L.Callback):
         self._signalled = False
         self._flag: torch.Tensor | None = None
         self._exchange: dist.Work | None = None
-        # Rank zero's vote for a time-based save, as agreed at this boundary (made at the last).
+        # Rank zero's vote for a time-based save, as agreed at this boundary, and the step at
+        # whose boundary it was cast (the last one).
         self.time_due = False
+        self.time_vote_step = -1
         self.time_voter: Callable[[], bool] | None = None
+        self._vote_step = -1
 
     @property
     def active(self) -> bool:
@@ -98,9 +101,11 @@ class SigtermConsensus(L.Callback):
         if self._group is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         signalled, self.time_due = self._collect()
+        self.time_vote_step = self._vote_step
         if signalled:
             trainer._signal_connector.received_sigterm = True
         vote = trainer.is_global_zero and self.time_voter is not None and self.time_voter()
+        self._vote_step = trainer.global_step
         self._flag = torch.tensor([int(self._signalled), int(vote)], dtype=torch.int32)
         self._exchange = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group,
                                          async_op=True)
