@@ -253,7 +253,8 @@ class MoEFeedForward(nn.Module):
 
     def _dispatch_gather(self, x: Tensor, routing: Routing) -> Tensor:
         """Each expert runs on exactly its kept tokens: the per-expert counts are read to the
-        host (one sync per layer on a GPU), the price of dropping nothing."""
+        host. Dropless routing's dispatch (one sync per layer on a GPU, the price of dropping
+        nothing), and a CPU's with a capacity, where the read costs nothing."""
         E = self.n_experts
         group = torch.where(routing.keep, routing.expert, E)  # unrouted (masked) tokens: group E
         order = group.argsort(stable=True)
