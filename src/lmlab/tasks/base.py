@@ -167,6 +167,7 @@ class LMTask(L.LightningModule):
         self.scheduler_factory = scheduler
         self.weight_decay = weight_decay
         self.expert_load_every = expert_load_every
+        self._expert_load_step = -1  # the step whose expert-load table was last logged
         self.checkpoint_metadata = dict(checkpoint_metadata or {})
         # Counted on device over all ranks and checkpointed, so resumed runs report the job's
         # true total.
@@ -247,7 +248,7 @@ class LMTask(L.LightningModule):
         # divides the default 50), and once per step under gradient accumulation, so the table's
         # host read adds no wait of its own.
         if (not self.expert_load_every or (self.global_step + 1) % self.expert_load_every
-                or not self.loggers or self.__dict__.get("_expert_load_step") == self.global_step):
+                or not self.loggers or self._expert_load_step == self.global_step):
             return
         self._expert_load_step = self.global_step
         table = load.cpu().tolist()
