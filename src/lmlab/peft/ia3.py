@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft import IA3Config, inject_adapter_in_model
 from torch import nn
 
 from lmlab.errors import ConfigError
@@ -34,6 +33,8 @@ class IA3(PeftStrategy):
         check_targets(backbone, self.target_modules)
 
     def apply(self, backbone: nn.Module) -> nn.Module:
+        from peft import IA3Config, inject_adapter_in_model  # lazily: see lmlab.peft.lora
+
         self.check(backbone)
         config = IA3Config(target_modules=self.target_modules, feedforward_modules=self.feedforward_modules)
         return inject_adapter_in_model(config, backbone)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.peft.base import PeftStrategy
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+# `peft` is imported where it is used: it pulls in transformers, accelerate and networkx, about
+# 2 s of every process's start (each sweep job, each rank), which runs without adapters would pay.
 
 
 def linear_names(backbone: nn.Module) -> list[str]:
@@ -51,6 +56,8 @@ class LoRA(PeftStrategy):
         check_targets(backbone, self.target_modules)
 
     def peft_config(self) -> LoraConfig:
+        from peft import LoraConfig
+
         return LoraConfig(
             use_dora=self.method == "dora",
             r=self.r,
@@ -62,6 +69,8 @@ class LoRA(PeftStrategy):
         )
 
     def apply(self, backbone: nn.Module) -> nn.Module:
+        from peft import inject_adapter_in_model
+
         self.check(backbone)
         # inject_adapter_in_model freezes the base and leaves only adapter weights trainable.
         return inject_adapter_in_model(self.peft_config(), backbone)
@@ -73,6 +82,8 @@ class LoRA(PeftStrategy):
 def merge_tuner_layers(backbone: nn.Module) -> nn.Module:
     """Fold every `peft` adapter (LoRA, DoRA, IA3) into its base layer and put the plain layer
     back in its place, leaving an ordinary backbone with no adapter parameters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     for name, module in list(backbone.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()

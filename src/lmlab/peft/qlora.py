@@ -21,8 +21,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from peft import inject_adapter_in_model, prepare_model_for_kbit_training
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lmlab.errors import ConfigError
@@ -99,6 +97,9 @@ class QLoRA(LoRA):
             )
 
     def apply(self, backbone: nn.Module) -> nn.Module:
+        # peft lazily: see lmlab.peft.lora
+        from peft import inject_adapter_in_model, prepare_model_for_kbit_training
+
         from lmlab.peft.linear4bit import quantize_linear
 
         self.check(backbone)
@@ -136,6 +137,7 @@ class QLoRA(LoRA):
     def merge(self, backbone: nn.Module) -> nn.Module:
         """Dequantize every 4-bit layer to fp32 and add its LoRA update: a plain backbone."""
         import bitsandbytes as bnb
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         from lmlab.peft.linear4bit import dequantized_linear
 
