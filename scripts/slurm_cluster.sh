@@ -64,7 +64,9 @@ write_conf() {
     fi
     local host cpus mem
     host=$(hostname -s)
-    cpus=$(nproc)
+    # nproc alone obeys OMP_NUM_THREADS (a test run or a user shell that caps threads would
+    # declare a 1-CPU node, and a 2-task job would pend forever with "PartitionConfig").
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     # What slurmd itself measures, less a margin, or it drains the node as "low RealMemory".
     mem=$(( $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) * 9 / 10 ))
     install -d -m 0755 /etc/slurm "$RUNTIME/state" "$RUNTIME/spool" "$RUNTIME/log"
@@ -124,7 +126,7 @@ status() {
     local state
     state=$(node_state || true)
     if alive "$RUNTIME/slurmctld.pid" && alive "$RUNTIME/slurmd.pid" && [[ -n $state ]]; then
-        echo "up: node $(hostname -s) $state ($(nproc) CPUs), partition $PARTITION, runtime $RUNTIME"
+        echo "up: node $(hostname -s) $state ($(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) CPUs), partition $PARTITION, runtime $RUNTIME"
         return 0
     fi
     echo "down"
