@@ -28,6 +28,8 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.strategies.warm_ranks import release_warm_ranks, take_warm_rank
+
 RANK_CONFIG = ".rank_config.yaml"
 # What the launcher sets in this process's environment for the job's ranks to find each other.
 RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -60,7 +62,11 @@ class RunConfigLauncher(_SubprocessScriptLauncher):
         command = [sys.executable, "-m", "lmlab.strategies.worker", str(self.config_path)]
         for local_rank in range(1, self.num_processes):
             env = {**os.environ, "LOCAL_RANK": str(local_rank)}
-            self.procs.append(subprocess.Popen(command, env=env, cwd=os.getcwd()))
+            proc = take_warm_rank(str(self.config_path), env, os.getcwd())
+            if proc is None:
+                proc = subprocess.Popen(command, env=env, cwd=os.getcwd())
+            self.procs.append(proc)
+        release_warm_ranks()  # started for more ranks than the job has
 
     def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
         """Lightning's launch with `RankObserver` in place of its process observer."""
@@ -166,6 +172,7 @@ def use_run_config_launcher(trainer: L.Trainer, cfg: DictConfig, overrides: list
     """Swap in RunConfigLauncher when this process would start the other ranks itself."""
     launcher = getattr(trainer.strategy, "_launcher", None)
     if type(launcher) is not _SubprocessScriptLauncher or launcher.cluster_environment.creates_processes_externally:
+        release_warm_ranks()  # this job's ranks are not started by this process
         return
     path = Path(cfg.paths.output_dir) / RANK_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
