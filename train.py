@@ -10,8 +10,8 @@ import lmlab.sweep  # noqa: F401  registers the sweep-directory resolvers before
 def main(cfg: DictConfig) -> float | None:
     from lmlab.strategies.warm_ranks import release_warm_ranks, start_warm_ranks
 
-    start_warm_ranks(cfg)  # a multi-process job's other ranks import while this process does
     try:
+        start_warm_ranks(cfg)  # a multi-process job's other ranks import while this process does
         from lmlab.train import main as run_main  # imported late so --help stays fast
 
         return run_main(cfg)

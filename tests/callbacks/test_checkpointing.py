@@ -158,13 +158,18 @@ def _start_and_signal(cmd, run_dir: Path, sig: int) -> subprocess.Popen:
     return proc
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The uninterrupted run both kinds of kill are compared with (and its data cache)."""
+    root = tmp_path_factory.mktemp("straight")
+    subprocess.run(_cmd(root / "run", root / "cache"), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return root / "run", root / "cache"
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_run_resumes_to_identical_weights(tmp_path, sig):
-    cache = tmp_path / "cache"
-    straight = tmp_path / "straight"
-    subprocess.run(_cmd(straight, cache), cwd=ROOT, check=True, capture_output=True, timeout=300)
-
+def test_killed_run_resumes_to_identical_weights(tmp_path, sig, straight_run):
+    straight, cache = straight_run
     interrupted = tmp_path / "interrupted"
     proc = _start_and_signal(_cmd(interrupted, cache), interrupted, sig)
     if sig == signal.SIGTERM:

@@ -72,6 +72,8 @@ def test_two_process_training_saves_resumes_and_consolidates(option, kind, tmp_p
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("metrics.json")) == [Path("sweep/0/metrics.json")]
     record = read_record(run_dir)
     assert record["status"] == "completed" and record["step"] == 4
+    # Rank 1 was started with the job and imported while rank zero did (strategies/warm_ranks.py).
+    assert "rank handed to a process started with the job" in (run_dir / "train.log").read_text()
 
     # Every rank holds the same model.
     rank0, rank1 = weights(dumps / "weights_rank0.pt"), weights(dumps / "weights_rank1.pt")

@@ -24,6 +24,7 @@ from tests.conftest import ROOT
     ("3", {}, 2),
     ("0,1", {}, 1),
     ([0, 1, 2], {}, 2),
+    (64, {}, 7),  # capped at the usable cores (8 here): a typo must not start 63 interpreters
     ("auto", {}, 0),  # the GPU count: unknown before CUDA starts
     (-1, {}, 0),
     (True, {}, 0),
@@ -33,16 +34,16 @@ from tests.conftest import ROOT
     (2, {"SLURM_NTASKS": "2"}, 0),  # srun starts the ranks
     (2, {"SLURM_NTASKS": "1"}, 1),
 ])
-def test_ranks_to_start_follow_the_device_count_unless_another_launcher_starts_them(devices, environ, expected):
+def test_ranks_to_start_follow_the_device_count_unless_another_launcher_starts_them(devices, environ, expected,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(warm_ranks, "usable_cores", lambda: 8)
     assert warm_ranks.local_ranks_to_start({"devices": devices}, environ) == expected
 
 
-def test_deepspeed_jobs_import_deepspeed_while_waiting():
-    assert warm_ranks.warm_imports({"strategy": {"_target_": "lmlab.strategies.deepspeed_cpu.CPUDeepSpeedStrategy"}}) \
-        == ["deepspeed"]
-    assert warm_ranks.warm_imports({"strategy": "deepspeed_stage_2"}) == ["deepspeed"]
-    assert warm_ranks.warm_imports({"strategy": {"_target_": "lightning.pytorch.strategies.DDPStrategy"}}) == []
-    assert warm_ranks.warm_imports({}) == []
+def test_importing_the_module_imports_no_torch():
+    # train.py imports it to start the ranks before its own heavy imports.
+    code = "import sys, lmlab.strategies.warm_ranks, lmlab.strategies; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
 class KeptBytes(io.BytesIO):
@@ -54,6 +55,7 @@ class FakeRank:
     def __init__(self, alive: bool = True):
         self.stdin = KeptBytes()
         self.alive = alive
+        self.pid = 12345
 
     def poll(self):
         return None if self.alive else 1
@@ -75,8 +77,9 @@ def _launch_two_ranks(monkeypatch, tmp_path, warm: list) -> tuple[launch.RunConf
         return FakeRank()
 
     monkeypatch.setattr(launch.subprocess, "Popen", popen)
-    for name in launch.RANK_ENV:
-        monkeypatch.delenv(name, raising=False)
+    for name in launch.RANK_ENV:  # set by the launcher; restored (removed) after the test, whatever happens
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     launcher = launch.RunConfigLauncher(tmp_path / "rank.yaml", cluster_environment=LightningEnvironment(),
                                         num_processes=2, num_nodes=1)
     launcher._call_children_scripts()
@@ -96,8 +99,15 @@ def test_the_launcher_hands_its_rank_to_a_waiting_process(monkeypatch, tmp_path)
     assert warm_ranks._WARM == [] and not spare.alive  # not needed: released
 
 
+def test_a_waiting_process_that_died_is_passed_over(monkeypatch, tmp_path):
+    dead, live = FakeRank(alive=False), FakeRank()  # failed while importing: its error is on stderr
+    launcher, cold, _ = _launch_two_ranks(monkeypatch, tmp_path, [dead, live])
+    assert cold == [] and dead.stdin.getvalue() == b""
+    assert json.loads(live.stdin.getvalue())["env"]["LOCAL_RANK"] == "1"
+
+
 def test_without_a_waiting_process_the_rank_starts_cold(monkeypatch, tmp_path):
-    dead = FakeRank(alive=False)  # failed while importing: its error is on stderr
+    dead = FakeRank(alive=False)
     launcher, cold, _ = _launch_two_ranks(monkeypatch, tmp_path, [dead])
     assert dead.stdin.getvalue() == b""
     [(command, env)] = cold
@@ -106,33 +116,41 @@ def test_without_a_waiting_process_the_rank_starts_cold(monkeypatch, tmp_path):
 
 
 RECEIVER = """
-import json, os, sys
+import json, os, signal, sys
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lmlab.strategies.warm_ranks import wait_for_rank
-config = wait_for_rank([])
+config = wait_for_rank(int(sys.argv[1]))
 print(json.dumps({"config": config, "cwd": os.getcwd(), "env": os.environ.get("LMLAB_TEST_VALUE"),
-                  "rank": rank_zero_only.rank, "stale": "LMLAB_STALE" in os.environ}))
+                  "rank": rank_zero_only.rank, "stale": "LMLAB_STALE" in os.environ,
+                  "deepspeed": "deepspeed" in sys.modules,
+                  "ctrl_c": signal.getsignal(signal.SIGINT) is signal.default_int_handler}))
 """
 
 
 def test_a_waiting_process_takes_on_the_ranks_directory_environment_and_rank(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", RECEIVER], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "LMLAB_STALE": "1"})
+    proc = subprocess.Popen([sys.executable, "-c", RECEIVER, str(os.getpid())], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "LMLAB_STALE": "1"})
     env = {**os.environ, "LMLAB_TEST_VALUE": "handed", "LOCAL_RANK": "1"}
     out, _ = proc.communicate(json.dumps({"config": "rank.yaml", "env": env, "cwd": str(tmp_path)}) + "\n", timeout=120)
     assert proc.returncode == 0
-    assert json.loads(out) == {"config": "rank.yaml", "cwd": str(tmp_path), "env": "handed", "rank": 1, "stale": False}
+    assert json.loads(out) == {
+        "config": "rank.yaml", "cwd": str(tmp_path), "env": "handed", "rank": 1, "stale": False,
+        # DeepSpeed fixes its accelerator at import (DS_ACCELERATOR): imported after the handoff.
+        "deepspeed": False,
+        "ctrl_c": True,  # ignored while waiting (the main process ends a waiting rank), as usual after
+    }
 
 
 def test_a_released_process_exits_quietly(monkeypatch):
     # End of input while it imports or waits: the job needed no rank from it.
-    proc = subprocess.run([sys.executable, "-m", "lmlab.strategies.worker", warm_ranks.WARM_FLAG], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "lmlab.strategies.worker", warm_ranks.WARM_FLAG, str(os.getpid())], cwd=ROOT,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == "" and "Traceback" not in proc.stderr
     # release_warm_ranks kills the ones a job did not take, at once.
     monkeypatch.setattr(warm_ranks, "_WARM", [])
     for name in (*warm_ranks.EXTERNAL_RANK_ENV, "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(warm_ranks, "usable_cores", lambda: 8)
     assert warm_ranks.start_warm_ranks({"trainer": {"devices": 3}}) == 2
     procs = list(warm_ranks._WARM)
     warm_ranks.release_warm_ranks()

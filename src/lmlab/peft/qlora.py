@@ -7,7 +7,8 @@ the block scales); embeddings, `lm_head`, BERT's MLM transform and task heads st
 precision, as in the paper's recipe. `peft`'s 4-bit LoRA layer then wraps the targeted
 quantized layers. The same code runs on CPU (bitsandbytes' CPU kernels) and on GPU. lmlab
 itself imports bitsandbytes only when a QLoRA run quantizes (`lmlab.peft.linear4bit`), so a
-machine without it runs everything else (peft imports it at import time where it is installed).
+machine without it runs everything else (peft, imported when an adapter is applied, imports it
+too where it is installed).
 
 Merging is done by dequantising: each Linear4bit becomes an fp32 `nn.Linear` holding
 dequant(W) (+ the LoRA update where there is one), so the merged model computes exactly what the

@@ -11,14 +11,23 @@ hands each one its rank's config, environment and directory (`take_warm_rank`); 
 config error, a strategy that starts no processes, a job skipped as completed) is killed
 (`release_warm_ranks`): a waiting rank has done nothing but import.
 
+A waiting rank imports only what reads no job setting at import: `lmlab.train`. DeepSpeed, for
+one, fixes its accelerator when imported, from `DS_ACCELERATOR`, which the main process sets
+only when it checks the job; a rank imports it after the handoff, with the job's environment.
+Until the handoff a waiting rank ignores Ctrl-C (the main process ends it) and dies with the
+main process (Linux: it would otherwise hold the job's output pipes until its imports end).
+
 This module imports nothing heavy: `train.py` imports it before torch.
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import ctypes
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -28,10 +37,10 @@ WARM_FLAG = "--warm"
 # Set when an outside launcher (torchrun, srun, mpirun, LSF) started this process as one rank of
 # many: it starts no ranks itself.
 EXTERNAL_RANK_ENV = ("LOCAL_RANK", "RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "LSB_JOBID")
-# Imported by a waiting rank: what every rank's run imports first (lmlab.train), and DeepSpeed,
-# the slowest of the strategies' own imports, when the job's strategy is one of its.
-RUN_MODULE = "lmlab.train"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _WARM: list[subprocess.Popen] = []
+
+log = logging.getLogger(__name__)
 
 
 def local_ranks_to_start(trainer_cfg: Mapping[str, Any], environ: Mapping[str, str]) -> int:
@@ -56,28 +65,35 @@ def local_ranks_to_start(trainer_cfg: Mapping[str, Any], environ: Mapping[str, s
         count = len(devices)
     else:
         return 0
-    return max(count - 1, 0)
+    # More processes than cores is refused for CPU runs before any rank starts, and a GPU
+    # node has a core per GPU: a larger count is a typo this must not turn into dozens of
+    # interpreters importing torch at once.
+    return max(min(count, usable_cores()) - 1, 0)
 
 
-def warm_imports(trainer_cfg: Mapping[str, Any]) -> list[str]:
-    strategy = trainer_cfg.get("strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, Mapping) else str(strategy or "")
-    return ["deepspeed"] if "deepspeed" in target.lower() else []
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def start_warm_ranks(cfg: Mapping[str, Any]) -> int:
-    """Start the ranks this job will launch; returns how many were started."""
+    """Start the ranks this job will launch; returns how many were started. Never fails the
+    job: what it cannot start, the launcher starts when `fit` begins."""
     release_warm_ranks()  # a previous job of this process's multirun
     try:
-        trainer_cfg = cfg.get("trainer") or {}
-        count = local_ranks_to_start(trainer_cfg, os.environ)
-        extra = warm_imports(trainer_cfg) if count else []
+        count = local_ranks_to_start(cfg.get("trainer") or {}, os.environ)
     except Exception:  # a broken config: the run reports it, with its field, before any rank starts
         return 0
-    command = [sys.executable, "-m", "lmlab.strategies.worker", WARM_FLAG, *extra]
+    command = [sys.executable, "-m", "lmlab.strategies.worker", WARM_FLAG, str(os.getpid())]
     for _ in range(count):
-        _WARM.append(subprocess.Popen(command, stdin=subprocess.PIPE, env=dict(os.environ), cwd=os.getcwd()))
-    return count
+        try:
+            _WARM.append(subprocess.Popen(command, stdin=subprocess.PIPE, env=dict(os.environ), cwd=os.getcwd()))
+        except OSError as err:  # out of processes or memory now: the launcher tries again at fit
+            log.warning("could not start a rank ahead of the job (%s); it starts with fit", err)
+            break
+    return len(_WARM)
 
 
 def take_warm_rank(config_path: str, env: Mapping[str, str], cwd: str) -> subprocess.Popen | None:
@@ -91,8 +107,11 @@ def take_warm_rank(config_path: str, env: Mapping[str, str], cwd: str) -> subpro
             proc.stdin.write(handoff.encode())
             proc.stdin.close()
         except OSError:  # it died since the poll
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
             proc.wait()
             continue
+        log.info("rank handed to a process started with the job (pid %d)", proc.pid)
         return proc
     return None
 
@@ -105,19 +124,39 @@ def release_warm_ranks() -> None:
         proc.kill()
         proc.wait()
         if proc.stdin is not None:
-            proc.stdin.close()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
 
 
-def wait_for_rank(modules: list[str]) -> str | None:
+def _die_with(parent_pid: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: end of input still releases it, later
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(0)
+
+
+def _outlive_parent() -> None:
+    """From the handoff on, a rank like one started at `fit` (RankObserver ends those)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, 0)
+
+
+def wait_for_rank(parent_pid: int | None = None) -> str | None:
     """In a waiting rank: import, wait for the handoff, and take on the rank's environment.
     Returns the rank's config path, or None when released (end of input)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        _die_with(parent_pid)
     started_threads = os.environ.get("OMP_NUM_THREADS")
-    for name in [RUN_MODULE, *modules]:
-        importlib.import_module(name)
+    import lmlab.train  # noqa: F401  the slow part, while the main process does the same
     line = sys.stdin.readline()
     if not line.strip():
         return None
     handoff = json.loads(line)
+    _outlive_parent()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(handoff["cwd"])
     os.environ.clear()
     os.environ.update(handoff["env"])

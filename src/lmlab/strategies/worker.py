@@ -1,6 +1,6 @@
 """A non-zero rank of a multi-process run: `python -m lmlab.strategies.worker <rank config>`
 (started by `RunConfigLauncher` with LOCAL_RANK etc. in the environment), or
-`python -m lmlab.strategies.worker --warm [module ...]`, started with the job and handed its
+`python -m lmlab.strategies.worker --warm <main pid>`, started with the job and handed its
 rank's config on stdin (`lmlab.strategies.warm_ranks`)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from lmlab.strategies.warm_ranks import WARM_FLAG, wait_for_rank
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == WARM_FLAG:
-        config_path = wait_for_rank(argv[1:])
+        config_path = wait_for_rank(int(argv[1]) if len(argv) > 1 else None)
         if config_path is None:  # released: the job needs no rank from this process
             return
     else:
