@@ -128,12 +128,12 @@ print(json.dumps({"config": config, "cwd": os.getcwd(), "env": os.environ.get("L
 
 
 def test_a_waiting_process_takes_on_the_ranks_directory_environment_and_rank(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", RECEIVER, str(os.getpid())], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "LMLAB_STALE": "1"})
     env = {**os.environ, "LMLAB_TEST_VALUE": "handed", "LOCAL_RANK": "1"}
-    out, _ = proc.communicate(json.dumps({"config": "rank.yaml", "env": env, "cwd": str(tmp_path)}) + "\n", timeout=120)
-    assert proc.returncode == 0
-    assert json.loads(out) == {
+    handoff = json.dumps({"config": "rank.yaml", "env": env, "cwd": str(tmp_path)}) + "\n"
+    proc = subprocess.run([sys.executable, "-c", RECEIVER, str(os.getpid())], cwd=ROOT, input=handoff,
+                          capture_output=True, text=True, env={**os.environ, "LMLAB_STALE": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {
         "config": "rank.yaml", "cwd": str(tmp_path), "env": "handed", "rank": 1, "stale": False,
         # DeepSpeed fixes its accelerator at import (DS_ACCELERATOR): imported after the handoff.
         "deepspeed": False,
@@ -151,7 +151,9 @@ def test_a_released_process_exits_quietly(monkeypatch):
     for name in (*warm_ranks.EXTERNAL_RANK_ENV, "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(warm_ranks, "usable_cores", lambda: 8)
-    assert warm_ranks.start_warm_ranks({"trainer": {"devices": 3}}) == 2
-    procs = list(warm_ranks._WARM)
-    warm_ranks.release_warm_ranks()
+    try:
+        assert warm_ranks.start_warm_ranks({"trainer": {"devices": 3}}) == 2
+        procs = list(warm_ranks._WARM)
+    finally:
+        warm_ranks.release_warm_ranks()
     assert warm_ranks._WARM == [] and all(p.returncode is not None for p in procs)

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import ConfigError
+from lmlab.strategies.warm_ranks import usable_cores
 
 KINDS = ("single", "ddp", "fsdp", "deepspeed")
 TARGET_KINDS = {
@@ -54,10 +55,6 @@ class StrategyInfo:
         if self.kind == "deepspeed":
             return f"deepspeed_zero{self.zero_stage}" + ("_offload" if self.offload else "")
         return self.kind
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _accelerator(trainer: DictConfig, here: bool = True) -> str:
@@ -119,9 +116,9 @@ def check_trainer(cfg: DictConfig, here: bool = True) -> StrategyInfo:
         if precision.startswith("16") or precision == "16":
             raise ConfigError("trainer.precision", precision, ["32-true", "bf16-mixed", "bf16-true"],
                               "float16 needs a GPU (CPUs compute in fp32 or bf16)")
-        if info.world_size > usable_cpus():
-            raise ConfigError("trainer.devices", trainer.get("devices"), list(range(1, usable_cpus() + 1)),
-                              f"{info.world_size} CPU processes on {usable_cpus()} usable cores")
+        if info.world_size > usable_cores():
+            raise ConfigError("trainer.devices", trainer.get("devices"), list(range(1, usable_cores() + 1)),
+                              f"{info.world_size} CPU processes on {usable_cores()} usable cores")
     if info.kind == "fsdp" and info.world_size < 2:
         raise ConfigError("trainer.devices", trainer.get("devices"), reason="trainer=fsdp shards over >= 2 "
                           "processes; with one there is nothing to shard (use trainer=default or gpu)")

@@ -146,7 +146,7 @@ def _outlive_parent() -> None:
 def wait_for_rank(parent_pid: int | None = None) -> str | None:
     """In a waiting rank: import, wait for the handoff, and take on the rank's environment.
     Returns the rank's config path, or None when released (end of input)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a rank started later would have
     if parent_pid is not None:
         _die_with(parent_pid)
     started_threads = os.environ.get("OMP_NUM_THREADS")
@@ -156,7 +156,7 @@ def wait_for_rank(parent_pid: int | None = None) -> str | None:
         return None
     handoff = json.loads(line)
     _outlive_parent()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, interrupt)
     os.chdir(handoff["cwd"])
     os.environ.clear()
     os.environ.update(handoff["env"])
