@@ -119,11 +119,12 @@ RECEIVER = """
 import json, os, signal, sys
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lmlab.strategies.warm_ranks import wait_for_rank
+inherited = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup or a background job
 config = wait_for_rank(int(sys.argv[1]))
 print(json.dumps({"config": config, "cwd": os.getcwd(), "env": os.environ.get("LMLAB_TEST_VALUE"),
                   "rank": rank_zero_only.rank, "stale": "LMLAB_STALE" in os.environ,
                   "deepspeed": "deepspeed" in sys.modules,
-                  "ctrl_c": signal.getsignal(signal.SIGINT) is signal.default_int_handler}))
+                  "ctrl_c": signal.getsignal(signal.SIGINT) is inherited}))
 """
 
 
@@ -137,7 +138,7 @@ def test_a_waiting_process_takes_on_the_ranks_directory_environment_and_rank(tmp
         "config": "rank.yaml", "cwd": str(tmp_path), "env": "handed", "rank": 1, "stale": False,
         # DeepSpeed fixes its accelerator at import (DS_ACCELERATOR): imported after the handoff.
         "deepspeed": False,
-        "ctrl_c": True,  # ignored while waiting (the main process ends a waiting rank), as usual after
+        "ctrl_c": True,  # ignored while waiting (the main process ends a waiting rank), inherited after
     }
 
 
