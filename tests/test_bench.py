@@ -85,3 +85,28 @@ def test_partial_and_cuda_runs_never_replace_the_full_tables():
     assert default_out(cpu, None, "cpu").name == "results.md"
     assert default_out(cuda, None, "gpu").name == "results_cuda_table.md"
     assert default_out(cuda, ["train"], "cpu").name == "results_cuda_table_cpu_train.md"
+
+
+def test_profile_step_sorts_kernels_by_kind_and_counts_the_idle_time():
+    from types import SimpleNamespace as Event
+
+    from bench.profile_step import kernel_kinds
+    events = [Event(key="nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", self_device_time_total=3000.0),
+              Event(key="cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma", self_device_time_total=1500.0),
+              Event(key="triton_poi_fused_gelu_gelu_backward_view_6", self_device_time_total=600.0),
+              Event(key="void at::native::multi_tensor_apply_kernel<...>", self_device_time_total=300.0),
+              Event(key="Memcpy HtoD (Pageable -> Device)", self_device_time_total=30.0),
+              Event(key="aten::mm", self_device_time_total=0.0)]  # host-side op: no device time
+    rows = kernel_kinds(events, steps=3, step_ms=2.0)  # 5.43 ms of kernels over 3 steps of 2 ms
+    assert rows[2:] == [
+        "| matmul | 1.00 | 50.0% |", "| attention | 0.50 | 25.0% |",
+        "| inductor (fused elementwise/reductions) | 0.20 | 10.0% |",
+        "| optimizer | 0.10 | 5.0% |", "| other | 0.01 | 0.5% |",
+        "| device idle (launch gaps, host work) | 0.19 | 9.5% |"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_profile_step_without_a_gpu_says_so(capsys):
+    from bench.profile_step import main
+    assert main(["--ceiling", "--attention", "cudnn", "--variants"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
