@@ -9,7 +9,8 @@
 # corpora (../shared/data). A call returns at most 8 files: OUT/<part>.log per part (each mfu
 # variant's summary line and throughput record are in mfu.log), bench_cuda.md, profile.txt, and
 # the full logs of the mfu runs packed in OUT/mfu_logs.tgz.
-# Extra train.py overrides for every mfu variant: MFU_ARGS="data.batch_size=32 ...".
+# Extra train.py overrides for every mfu variant: MFU_ARGS="model.compile_mode=... ...";
+# MFU_STEPS (300) steps per run, MFU_TIMEOUT (280) seconds per run (b32_mag autotunes longer).
 # One mfu variant compiles for 1-2 minutes: two or three variants fit in one 600 s call.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT [env tests mfu bench profile]}
@@ -58,7 +59,7 @@ mfu_run() {
   mkdir -p "$OUT/mfu_logs"
   # -k: a SIGTERM'd run finishes its step and saves last.ckpt first; never into the next variant.
   # No checkpoints: a 1.5 GB save is device time that measures nothing.
-  timeout -k 20 280 $PY train.py experiment=gpt2_124m trainer.max_steps=${MFU_STEPS:-300} \
+  timeout -k 20 ${MFU_TIMEOUT:-280} $PY train.py experiment=gpt2_124m trainer.max_steps=${MFU_STEPS:-300} \
     trainer.val_check_interval=${MFU_STEPS:-300} callbacks.last_checkpoint.every_n_steps=null \
     '~callbacks.model_checkpoint' '~callbacks.last_checkpoint' +trainer.enable_checkpointing=false test=false validate_after_fit=false print_config=false \
     hydra.run.dir="$dir" ${MFU_ARGS:-} "$@" >"$OUT/mfu_logs/$name.log" 2>&1
@@ -85,13 +86,13 @@ part_mfu() {
     case $variant in
       recipe) mfu_run recipe ;;  # as shipped (batch 32)
       b16) mfu_run b16 data.batch_size=16 ;;
-      b32) mfu_run b32 data.batch_size=32 ;;
+      b32) mfu_run b32 data.batch_size=32 ;;  # = recipe, named for comparisons
       b16_eager) mfu_run b16_eager data.batch_size=16 model.compile=false ;;
       b16_ro) mfu_run b16_ro data.batch_size=16 model.compile_mode=reduce-overhead ;;
       b32_ro) mfu_run b32_ro data.batch_size=32 model.compile_mode=reduce-overhead ;;
       b16_ro_acc) mfu_run b16_ro_acc data.batch_size=8 trainer.accumulate_grad_batches=2 model.compile_mode=reduce-overhead ;;
       b16_ma) mfu_run b16_ma data.batch_size=16 model.compile_mode=max-autotune-no-cudagraphs ;;
-      b32_mag) mfu_run b32_mag data.batch_size=32 model.compile_mode=max-autotune ;;  # > 280 s of autotuning on an H100
+      b32_mag) mfu_run b32_mag data.batch_size=32 model.compile_mode=max-autotune ;;  # > 280 s of autotuning on an H100: raise MFU_TIMEOUT
       b16_sync) mfu_run b16_sync data.batch_size=16 callbacks.nonfinite.check_every_n_steps=1 ;;
       *) echo "[$variant] unknown variant (recipe b16 b32 b16_eager b16_ro b32_ro b16_ro_acc b16_ma b32_mag b16_sync): skipped" ;;
     esac

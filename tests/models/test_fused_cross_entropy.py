@@ -116,29 +116,47 @@ def test_compiled_equals_eager():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_compiled_on_a_gpu_takes_the_plain_form_and_equals_the_chunked_one(reduction):
+def test_compiled_on_a_gpu_takes_the_plain_form_and_equals_the_chunked_one(reduction,
+                                                                           monkeypatch):
     """Compiled on a GPU the loss is inductor's plain full-logits form (faster there): the
     same loss and gradients as the chunked autograd Function, in bf16 autocast as in a run."""
+    from lmlab.models.layers import fused_cross_entropy
     hidden, weight, labels = (t.detach().cuda() for t in _inputs(n_rows=3 * 40, d=32,
                                                                    vocab=256))
     hidden.requires_grad_()
     weight.requires_grad_()
-    traced = []
+    plain_calls = []
+    plain = fused_cross_entropy.plain_cross_entropy
+
+    def spy(*args):
+        plain_calls.append(torch.compiler.is_compiling())
+        return plain(*args)
+
+    monkeypatch.setattr(fused_cross_entropy, "plain_cross_entropy", spy)
 
     def loss(h, w, y):
-        traced.append(torch.compiler.is_compiling())
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return linear_cross_entropy(h, w, y, IGNORE, 0.1, reduction)
 
     compiled = torch.compile(loss, fullgraph=True)
     got, got_grads = _loss_and_grads(lambda: compiled(hidden, weight, labels), hidden, weight)
-    assert traced == [True]  # the plain branch was what got traced
+    assert plain_calls == [True]  # the plain form is what was traced
     with torch.autocast("cuda", dtype=torch.bfloat16):
         want, want_grads = _loss_and_grads(lambda: linear_cross_entropy(
             hidden, weight, labels, IGNORE, 0.1, reduction, chunk_rows_=32), hidden, weight)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
     for a, b in zip(got_grads, want_grads):
         assert a.dtype == b.dtype == torch.float32
+        assert (a - b).abs().max() <= 0.02 * b.abs().max()
+
+    # Logits over the budget keep the chunks, compiled or not.
+    monkeypatch.setattr(fused_cross_entropy, "PLAIN_COMPILED_MAX_LOGIT_BYTES", 1024)
+    torch._dynamo.reset()
+    over, over_grads = _loss_and_grads(lambda: torch.compile(loss, fullgraph=True)(
+        hidden, weight, labels), hidden, weight)
+    assert plain_calls == [True]
+    torch.testing.assert_close(over, want, rtol=2e-3, atol=2e-3)
+    for a, b in zip(over_grads, want_grads):
         assert (a - b).abs().max() <= 0.02 * b.abs().max()
 
 

@@ -129,7 +129,8 @@ class DecoderLM(Backbone, PositionScheme):
         With `labels` [B, T] (already shifted: position t predicts labels[t]), the fp32
         cross-entropy instead (`reduction` "mean" over non-ignored labels, or "sum"), computed
         by `head_cross_entropy`, which never materialises the full logits when `lm_head` is a
-        plain Linear. Going through `forward` keeps module hooks (FSDP, DDP) and
+        plain Linear (except compiled on a GPU, where inductor's fused full-logits form is
+        faster: see `linear_cross_entropy`). Going through `forward` keeps module hooks (FSDP, DDP) and
         `torch.compile` of the backbone covering the loss too.
         """
         hidden = self.hidden(input_ids, attention_mask, cache)

@@ -159,8 +159,8 @@ class EncoderDecoderModel(Backbone):
         """Logits [B, T, padded_vocab_size]; with `labels` [B, T] (the target shifted: position
         t predicts labels[t]) the fp32 cross-entropy instead, over the first `loss_vocab`
         logits only (None = all; ids that merely pad the vocabulary then get no probability
-        or smoothing mass), computed by `linear_cross_entropy` without the full logits when
-        `lm_head` is a plain Linear (see `fused_cross_entropy`)."""
+        or smoothing mass), computed by `linear_cross_entropy` when `lm_head` is a plain Linear:
+        without the full logits, except compiled on a GPU (see `fused_cross_entropy`)."""
         src_mask = _unless_full(src_mask)
         memory = None
         if cache is None or cache.memory_kv is None:

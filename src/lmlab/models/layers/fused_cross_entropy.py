@@ -12,7 +12,8 @@ it runs on every device and under `torch.compile`).
 
 The matmuls run in the autocast dtype when autocast is on (as `nn.Linear` would); softmax and
 the loss are fp32; d(weight) accumulates in fp32 across chunks. Compiled on a GPU, the plain
-form is traced instead (see `linear_cross_entropy`): inductor fuses it and there it is faster.
+form is traced instead while its logits fit `PLAIN_COMPILED_MAX_LOGIT_BYTES` (see
+`linear_cross_entropy`): inductor fuses it and there it is faster.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ REDUCTIONS = ("mean", "sum")
 # the thread barriers, each a wait for a descheduled thread); 32 MiB was slower on 1 thread.
 CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+# Compiled on a GPU the plain form is faster (see `linear_cross_entropy`) but holds [N, V]
+# logits: up to this size of fp32 logits (the GPT-2 recipe's 32k x 50304 is 6.1 GiB, and its
+# bf16 logits and their gradient are half that each); beyond it (a 128k-256k vocabulary at a
+# large batch) the chunks keep memory at N x d + V x d.
+PLAIN_COMPILED_MAX_LOGIT_BYTES = 8 * 2**30
 
 
 def chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
@@ -128,12 +134,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_
                          chunk_rows_: int | None = None) -> Tensor:
     """`F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), labels.flatten(),
     ignore_index, label_smoothing, reduction)` computed chunk by chunk (see the module
-    docstring). hidden [..., d], weight [V, d], labels [...]; reduction "mean" or "sum"."""
+    docstring), or in that plain form when compiled on a GPU with fp32 logits of at most
+    `PLAIN_COMPILED_MAX_LOGIT_BYTES`. hidden [..., d], weight [V, d], labels [...]; reduction
+    "mean" or "sum"."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r} (valid: {', '.join(REDUCTIONS)})")
     hidden = hidden.flatten(0, -2)
     labels = labels.flatten()
-    if chunk_rows_ is None and hidden.is_cuda and torch.compiler.is_compiling():
+    if (chunk_rows_ is None and hidden.is_cuda and torch.compiler.is_compiling()
+            and hidden.shape[0] * weight.shape[0] * 4 <= PLAIN_COMPILED_MAX_LOGIT_BYTES):
         # Compiled on a GPU, inductor fuses the plain form's upcast, log-softmax and their
         # gradient into a pass or two over the logits, and one full-width matmul per product
         # runs at the GEMMs' best rate; chunks only cost: GPT-2 small on an H100 (V 50304,
