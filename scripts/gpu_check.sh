@@ -94,7 +94,10 @@ part_mfu() {
       b16_ma) mfu_run b16_ma data.batch_size=16 model.compile_mode=max-autotune-no-cudagraphs ;;
       b32_mag) mfu_run b32_mag data.batch_size=32 model.compile_mode=max-autotune ;;  # > 280 s of autotuning on an H100: raise MFU_TIMEOUT
       b16_sync) mfu_run b16_sync data.batch_size=16 callbacks.nonfinite.check_every_n_steps=1 ;;
-      *) echo "[$variant] unknown variant (recipe b16 b32 b16_eager b16_ro b32_ro b16_ro_acc b16_ma b32_mag b16_sync): skipped" ;;
+      # what a run does beyond profile_step's bare loop: no clipping, then no non-finite check either
+      b16_noclip) mfu_run b16_noclip data.batch_size=16 trainer.gradient_clip_val=null ;;
+      b16_lean) mfu_run b16_lean data.batch_size=16 trainer.gradient_clip_val=null '~callbacks.nonfinite' ;;
+      *) echo "[$variant] unknown variant (recipe b16 b32 b16_eager b16_ro b32_ro b16_ro_acc b16_ma b32_mag b16_sync b16_noclip b16_lean): skipped" ;;
     esac
   done
   [ -d "$OUT/mfu_logs" ] && tar -czf "$OUT/mfu_logs.tgz" -C "$OUT" mfu_logs && rm -rf "$OUT/mfu_logs"
