@@ -30,7 +30,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 WARM_FLAG = "--warm"
@@ -61,7 +61,7 @@ def local_ranks_to_start(trainer_cfg: Mapping[str, Any], environ: Mapping[str, s
         count = int(devices)
     elif isinstance(devices, str) and "," in devices:
         count = len([d for d in devices.split(",") if d.strip()])
-    elif isinstance(devices, (list, tuple)) or type(devices).__name__ == "ListConfig":
+    elif isinstance(devices, Sequence) and not isinstance(devices, str):  # list, ListConfig
         count = len(devices)
     else:
         return 0
@@ -128,10 +128,17 @@ def release_warm_ranks() -> None:
                 proc.stdin.close()
 
 
-def _die_with(parent_pid: int) -> None:
+def _set_parent_death_signal(sig: int) -> bool:
+    """prctl(PR_SET_PDEATHSIG, sig): False where there is none (not Linux)."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: end of input still releases it, later
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _die_with(parent_pid: int) -> None:
+    if not _set_parent_death_signal(signal.SIGKILL):  # end of input still releases it, later
         return
     if os.getppid() != parent_pid:  # the parent died before prctl
         os._exit(0)
@@ -139,8 +146,7 @@ def _die_with(parent_pid: int) -> None:
 
 def _outlive_parent() -> None:
     """From the handoff on, a rank like one started at `fit` (RankObserver ends those)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, 0)
+    _set_parent_death_signal(0)
 
 
 def wait_for_rank(parent_pid: int | None = None) -> str | None:
