@@ -90,7 +90,7 @@ def bert_rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
 
     def lmlab_step():
         hidden = lmlab(ids, mask)
-        logits = lmlab.mlm_logits(hidden[chosen][None])[0]
+        logits = lmlab.mlm_logits(hidden[chosen])
         return F.cross_entropy(logits[:, : size.vocab].float(), ids[chosen])
 
     def hf_step():

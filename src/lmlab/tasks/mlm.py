@@ -89,7 +89,9 @@ class MaskedLMTask(LMTask):
 
     def _logits_at(self, masked_ids: Tensor, attention_mask: Tensor | None, positions: Tensor) -> Tensor:
         hidden = self.run_backbone(masked_ids, attention_mask)
-        logits = self.backbone.mlm_logits(hidden.flatten(0, 1)[positions][None])[0]
+        # A 2-d [n, d_model] input: indexing a leading dim of 1 back out ([None] ... [0]) would
+        # cost a zero-filled [1, n, vocab] gradient and a copy into it every step.
+        logits = self.backbone.mlm_logits(hidden.flatten(0, 1)[positions])
         return logits[:, : self.tokenizer.vocab_size].float()
 
     def train_generator(self, step: int, batch_idx: int) -> torch.Generator:

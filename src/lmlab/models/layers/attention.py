@@ -23,6 +23,7 @@ from lmlab.models.layers import causal_attention as causal_blocks
 from lmlab.models.layers.fused_projection import concatenated_linear, fusable
 from lmlab.models.layers.mask import causal_mask
 from lmlab.models.layers.position import apply_rotary, rotate_half
+from lmlab.models.layers.rms_norm import RMSNorm
 
 if TYPE_CHECKING:
     from lmlab.models.cache import LayerKVCache
@@ -147,8 +148,8 @@ class MultiHeadAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         # QK-norm (Dehghani et al. 2023, OLMo-2): per-head RMSNorm on q and k bounds the
         # attention logits, which keeps them from blowing up at high learning rates.
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
 
     def forward(
         self,

@@ -1,8 +1,11 @@
-"""Normalisation layers: torch-native modules, which dispatch to fused kernels."""
+"""Normalisation layers: torch-native modules, which dispatch to fused kernels (RMSNorm's CPU
+training pass is lmlab's own: `rms_norm`)."""
 
 from __future__ import annotations
 
 from torch import nn
+
+from lmlab.models.layers.rms_norm import RMSNorm
 
 NORM_KINDS = ("layernorm", "rmsnorm")
 
@@ -11,5 +14,5 @@ def build_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
     if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=eps)
+        return RMSNorm(dim, eps=eps)
     raise ValueError(f"unknown norm kind {kind!r} (valid: {', '.join(NORM_KINDS)})")

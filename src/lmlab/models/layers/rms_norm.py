@@ -1,0 +1,71 @@
+"""RMSNorm with a written-out CPU backward: a training pass in ~0.55x the time of `nn.RMSNorm`'s.
+
+On a CPU `nn.RMSNorm` has a fused forward kernel but no fused backward: autograd runs the
+composite's gradient, ten elementwise passes over [rows, dim] plus a division and copies. At
+the bench size (8 x 256 rows, dim 384, 2 threads) one norm's forward + backward took 6.1-7.0 ms
+there against 3.7 ms here, 1.9x faster at dim 768 (2048 rows), 1.75x at 4096; a T5 training step
+runs 32 norms, a 6-layer Llama 13. Here the forward is torch's fused kernel, which also
+returns 1 / rms (kept for backward, with the input); the backward is x̂ = x / rms, one row
+dot product (d(input) = (g - x̂ * mean(g * x̂)) / rms with g = d(out) * weight, written in
+place) and one product summed for d(weight).
+
+`uses_written_pass` says when: CPU, fp32/fp64 input and weight, a gradient wanted, no
+autocast, outside torch.compile (inductor fuses the composite itself), and a plain weight
+tensor (not an FSDP2 DTensor shard). Everything else, inference included (nothing to gain
+without a backward), runs `nn.RMSNorm` unchanged. Outputs are torch's exactly; gradients equal torch's up to float
+rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+FULL_PRECISION = (torch.float32, torch.float64)
+# The kernel `F.rms_norm` runs on a CPU, which also returns 1 / rms; a private op, so a torch
+# without it keeps `nn.RMSNorm` throughout.
+_FUSED_FORWARD = getattr(torch.ops.aten, "_fused_rms_norm", None)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float | None) -> Tensor:  # type: ignore[override]
+        # torch's own fused forward: the values are exactly `nn.RMSNorm`'s, with or without
+        # gradients (a forward written here was 0.5 ms faster but differed by an ulp, so an
+        # output would have depended on whether autograd was recording).
+        out, rstd = _FUSED_FORWARD(x, [x.shape[-1]], weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        normed = x * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * normed).flatten(0, -2).sum(0)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            g = grad_out * weight
+            mean_dot = torch.linalg.vecdot(g, normed).unsqueeze_(-1).div_(normed.shape[-1])
+            grad_input = g.addcmul_(normed, mean_dot, value=-1).mul_(rstd)
+        return grad_input, grad_weight, None
+
+
+def uses_written_pass(x: Tensor, weight: Tensor | None) -> bool:
+    """Whether `RMSNorm` runs `_RMSNormFunction` for input `x` (see the module docstring)."""
+    return (_FUSED_FORWARD is not None and weight is not None and x.device.type == "cpu" and x.dtype in FULL_PRECISION
+            and weight.dtype == x.dtype and type(weight.detach()) is torch.Tensor
+            and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and x.dim() >= 1 and x.numel() > 0)
+
+
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` (same parameters, state dict and values) with the written CPU training
+    pass above; `isinstance(m, nn.RMSNorm)` still holds."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if len(self.normalized_shape) == 1 and uses_written_pass(x, self.weight):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return super().forward(x)
