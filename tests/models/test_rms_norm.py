@@ -28,7 +28,7 @@ def _written(out: torch.Tensor) -> bool:
     return type(out.grad_fn).__name__ == "_RMSNormFunctionBackward"
 
 
-@pytest.mark.parametrize("shape", [(7, 16), (2, 5, 24), (2, 3, 5, 8)])
+@pytest.mark.parametrize("shape", [(16,), (7, 16), (2, 5, 24), (2, 3, 5, 8)])
 @pytest.mark.parametrize("eps", [1e-6, None])
 def test_values_and_gradients_equal_a_naive_reference(shape, eps):
     norm = _norm(shape[-1], eps)
@@ -67,9 +67,9 @@ def test_equals_torch_rms_norm_on_a_strided_view():
     for module in (norm, torch_norm):
         x = base.clone().requires_grad_()
         out = module(x.transpose(1, 2))
+        assert _written(out) is (module is norm)
         out.backward(grad_out)
         grads.append((out.detach(), x.grad, module.weight.grad))
-    assert _written(norm(base.clone().requires_grad_()))
     assert torch.equal(grads[0][0], grads[1][0])
     for ours, theirs in zip(grads[0][1:], grads[1][1:], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -116,3 +116,26 @@ def test_build_norm_gives_it_with_nn_rmsnorm_state():
     norm = build_norm("rmsnorm", 12, eps=1e-5)
     assert isinstance(norm, RMSNorm) and isinstance(norm, nn.RMSNorm)
     assert list(norm.state_dict()) == list(nn.RMSNorm(12).state_dict())
+
+
+def test_double_backward_raises_instead_of_giving_wrong_numbers():
+    norm = _norm(8)
+    x = torch.randn(4, 8, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(norm(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad_x.sum().backward()
+
+
+def test_forward_ad_and_torch_func_take_torch_path():
+    import torch.autograd.forward_ad as forward_ad
+    from torch.func import functional_call, grad
+
+    norm = _norm(8)
+    x = torch.randn(3, 8)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.randn(3, 8))
+        tangent = forward_ad.unpack_dual(norm(dual)).tangent
+    assert tangent is not None
+    params = {k: v.detach() for k, v in norm.named_parameters()}
+    weight_grad = grad(lambda p: functional_call(norm, p, (x,)).sum())(params)["weight"]
+    torch.testing.assert_close(weight_grad, (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).sum(0))

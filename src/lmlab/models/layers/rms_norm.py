@@ -10,16 +10,20 @@ dot product (d(input) = (g - x̂ * mean(g * x̂)) / rms with g = d(out) * weight
 place) and one product summed for d(weight).
 
 `uses_written_pass` says when: CPU, fp32/fp64 input and weight, a gradient wanted, no
-autocast, outside torch.compile (inductor fuses the composite itself), and a plain weight
-tensor (not an FSDP2 DTensor shard). Everything else, inference included (nothing to gain
-without a backward), runs `nn.RMSNorm` unchanged. Outputs are torch's exactly; gradients equal torch's up to float
-rounding.
+autocast, outside torch.compile (inductor fuses the composite itself), outside forward-mode
+AD and torch.func transforms, and a plain weight tensor (a DTensor falls back; inside an
+FSDP2 forward the weight is the gathered plain parameter, so those runs take this pass too).
+Everything else, inference included (nothing to gain without a backward), runs `nn.RMSNorm`
+unchanged. Outputs are torch's exactly; gradients equal torch's up to float rounding, once
+(the backward is not differentiable again: double backward raises).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 FULL_PRECISION = (torch.float32, torch.float64)
 # The kernel `F.rms_norm` runs on a CPU, which also returns 1 / rms; a private op, so a torch
@@ -38,12 +42,13 @@ class _RMSNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # its in-place updates and saved 1 / rms are not differentiable again
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
         normed = x * rstd
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_out * normed).flatten(0, -2).sum(0)
+            grad_weight = (grad_out * normed).reshape(-1, normed.shape[-1]).sum(0)
         grad_input = None
         if ctx.needs_input_grad[0]:
             g = grad_out * weight
@@ -58,7 +63,10 @@ def uses_written_pass(x: Tensor, weight: Tensor | None) -> bool:
             and weight.dtype == x.dtype and type(weight.detach()) is torch.Tensor
             and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and x.dim() >= 1 and x.numel() > 0)
+            and x.dim() >= 1 and x.numel() > 0
+            # forward-mode AD and torch.func transforms need rules this function does not have
+            and forward_ad._current_level < 0
+            and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, weight)))
 
 
 class RMSNorm(nn.RMSNorm):
