@@ -147,6 +147,8 @@ CASES = [
     (["trainer=deepspeed_zero1", "+trainer.gradient_clip_algorithm=value"], "trainer.gradient_clip_algorithm"),
     (["callbacks.nonfinite.policy=ignore"], "callbacks.nonfinite"),
     (["callbacks.nonfinite.check_every_n_steps=0"], "callbacks.nonfinite.check_every_n_steps"),
+    (["callbacks.nonfinite.policy=skip", "callbacks.nonfinite.check_every_n_steps=5", "optimizer.fused=false"],
+     "callbacks.nonfinite.check_every_n_steps"),
     (["callbacks.throughput.peak_tflops=-1"], "callbacks.throughput.peak_tflops"),
     (["callbacks.last_checkpoint.every_n_steps=0"], "callbacks.last_checkpoint"),
     (["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode"),

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab.assemble import build_parts
 from lmlab.callbacks.checkpointing import LAST_NAME, PREVIOUS_NAME
 from lmlab.callbacks.memory import memory_of
+from lmlab.callbacks.nonfinite import NonFiniteGuard
 from lmlab.callbacks.throughput import run_throughput
 from lmlab.checkpoint import load_resume_source
 from lmlab.compress import build_compression, check_compression, compress_after_training
@@ -200,6 +201,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     parts = build_parts(cfg, load_resume_source(ckpt_path) if ckpt_path else None)
     params = parameter_counts(parts.task)  # backbone + task heads (e.g. the classifier)
     check_compression(compression, parts, cfg.trainer)
+    for guard in (c for c in callbacks if isinstance(c, NonFiniteGuard)):
+        guard.check_optimizer(parts.task.optimizer_factory, trainer.strategy)
 
     # Everything validated: from here on the run leaves a record.
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -68,12 +68,18 @@ def test_nonfinite_stops_and_keeps_the_last_good_checkpoint(make_cfg, monkeypatc
     assert read_record(cfg.paths.output_dir)["status"] == "failed"
 
 
-def test_nonfinite_skip_policy_drops_the_step_and_goes_on(make_cfg, monkeypatch):
-    cfg = make_cfg([*STEPS, "callbacks.nonfinite.policy=skip"])
+@pytest.mark.parametrize("check_every", ["null", "3"], ids=["host-decides", "fused-optimizer-skips"])
+def test_nonfinite_skip_policy_drops_the_step_and_goes_on(make_cfg, monkeypatch, check_every):
+    # null: read every step on a CPU, the gradients dropped; 3: the default fused AdamW skips the
+    # step on the device and the count is read at step 2, the end of its window.
+    cfg = make_cfg([*STEPS, "callbacks.nonfinite.policy=skip",
+                    f"callbacks.nonfinite.check_every_n_steps={check_every}"])
     _inject(monkeypatch, [PoisonGradsOnce(at_step=2)])
     record = run(cfg)
     assert record["status"] == "completed" and record["step"] == 6
     assert record["metrics"]["train/skipped_steps"] == 1.0
+    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 
 class SigtermDuringValidation(L.Callback):

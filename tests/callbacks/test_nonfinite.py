@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import pytest
 import torch
 
@@ -67,11 +70,10 @@ def test_deferred_check_runs_at_the_end_of_training():
         guard.on_train_end(trainer, None)
 
 
-@pytest.mark.parametrize("kwargs", [{"check_every_n_steps": 0},
-                                    {"policy": "skip", "check_every_n_steps": 5}])
-def test_bad_check_interval_is_a_config_error(kwargs):
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "5"])
+def test_bad_check_interval_is_a_config_error(value):
     with pytest.raises(ConfigError, match="check_every_n_steps"):
-        NonFiniteGuard(**kwargs)
+        NonFiniteGuard(check_every_n_steps=value)
 
 
 class _Module:
@@ -79,15 +81,93 @@ class _Module:
         self.device = torch.device(device)
 
 
-@pytest.mark.parametrize("device,policy,expected", [("cpu", "stop", 1), ("cuda", "stop", 25),
-                                                    ("cuda", "skip", 1)])
-def test_default_interval_reads_every_step_only_where_it_is_free(device, policy, expected):
+def _adamw(fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], fused=fused)
+
+
+def _fitting(*optimizers) -> _Trainer:
+    trainer = _Trainer()
+    trainer.optimizers = list(optimizers)
+    return trainer
+
+
+@pytest.mark.parametrize("device,policy,optimizer,expected", [
+    ("cpu", "stop", None, 1), ("cuda", "stop", None, 25),
+    ("cpu", "skip", "fused", 1), ("cuda", "skip", "fused", 25), ("cuda", "skip", "foreach", 1),
+    ("cuda", "skip", None, 1)])
+def test_default_interval_reads_every_step_only_where_it_is_free(device, policy, optimizer, expected):
+    optimizers = [] if optimizer is None else [_adamw(optimizer == "fused")]
     guard = NonFiniteGuard(policy=policy)
-    guard.on_fit_start(_Trainer(), _Module(device))
+    guard.on_fit_start(_fitting(*optimizers), _Module(device))
     assert guard.check_every_n_steps == expected
     explicit = NonFiniteGuard(check_every_n_steps=7)
-    explicit.on_fit_start(_Trainer(), _Module(device))
+    explicit.on_fit_start(_fitting(*optimizers), _Module(device))
     assert explicit.check_every_n_steps == 7
+
+
+def test_skip_with_a_deferred_read_needs_an_optimizer_that_skips_on_the_device():
+    # Checked on the run's optimizer factory before anything is built, naming the optimizer.
+    guard = NonFiniteGuard(policy="skip", check_every_n_steps=5)
+    with pytest.raises(ConfigError, match=r"check_every_n_steps.*5.*fused.*SGD cannot"):
+        guard.check_optimizer(functools.partial(torch.optim.SGD, lr=0.1))
+    guard.check_optimizer(functools.partial(torch.optim.AdamW, fused=True))
+    NonFiniteGuard(policy="skip").check_optimizer(functools.partial(torch.optim.SGD, lr=0.1))
+    guard.on_fit_start(_fitting(_adamw(fused=True)), _Module("cpu"))
+    assert guard.check_every_n_steps == 5
+    # An optimizer that can, over parameters it cannot flag (FSDP2's DTensors): the host decides.
+    unflaggable = NonFiniteGuard(policy="skip", check_every_n_steps=5)
+    unflaggable.on_fit_start(_fitting(_adamw(fused=False)), _Module("cpu"))
+    assert unflaggable.check_every_n_steps == 1
+
+
+def _train(guard, grads_per_step, module=None):
+    """Steps of a fused AdamW through the guard's hooks, as Lightning calls them; returns the
+    parameter, the optimizer and the host reads found while steps before the last ran."""
+    from tests.host_syncs import HostSyncs
+
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(4))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+    trainer = _fitting(optimizer)
+    guard.on_fit_start(trainer, _Module("cpu"))
+    reads = HostSyncs()
+    for step, grad in enumerate(grads_per_step):
+        trainer.global_step = step
+        param.grad = torch.tensor(grad)
+        last = step == len(grads_per_step) - 1
+        with reads if not last else contextlib.nullcontext():
+            guard.on_before_optimizer_step(trainer, module, optimizer)
+        optimizer.step()
+        guard.on_train_batch_end(trainer, module, None, None, step)
+        optimizer.zero_grad(set_to_none=True)
+    return param, optimizer, reads
+
+
+def test_skip_on_the_device_drops_the_step_inside_the_fused_optimizer():
+    nan = float("nan")
+    good = [[0.1, -0.2, 0.3, 0.4], [0.5, 0.1, -0.1, 0.2]]
+    logged = {}
+    module = type("Module", (), {"log": lambda self, k, v: logged.update({k: v})})()
+    guard = NonFiniteGuard(policy="skip", check_every_n_steps=3)
+    param, optimizer, reads = _train(guard, [good[0], [nan, 1.0, 1.0, 1.0], good[1]], module)
+    # The bad step changed nothing: parameters, moments and step count are those of a run
+    # that never saw it.
+    ref_param, ref_optimizer, _ = _train(NonFiniteGuard(policy="skip"), good)
+    assert torch.equal(param, ref_param)
+    state, ref_state = optimizer.state[param], ref_optimizer.state[ref_param]
+    assert all(torch.equal(state[k], ref_state[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    # Counted on the device, read once at the window's end (step 2), not in the steps before.
+    assert not reads.found, reads.report()
+    assert guard.skipped == 1 and logged == {"train/skipped_steps": 1.0}
+    assert "found_inf" not in optimizer.__dict__  # the flag was for that step only
+
+
+def test_skips_still_pending_are_counted_at_the_end_of_training(caplog):
+    guard = NonFiniteGuard(policy="skip", check_every_n_steps=10)
+    _train(guard, [[float("inf")] * 4, [1.0] * 4])
+    assert guard.skipped == 0
+    guard.on_train_end(None, None)
+    assert guard.skipped == 1 and "1 of steps 0-1 skipped" in caplog.text
 
 
 class _ScaledTrainer(_Trainer):

@@ -31,11 +31,17 @@ class NonFiniteGuard(L.Callback):
     policy="stop", `check_every_n_steps` > 1 keeps the flag (and the first bad step) on the
     device and reads it every n steps and at the end of training, so a GPU never waits on it;
     the error still names the first bad step, but training runs on up to n - 1 steps past it
-    (checkpoints still refuse non-finite weights). policy="skip" has to decide every step.
-    `check_every_n_steps=None` (the default) picks per device at fit start: 1 on a CPU, where
-    the read costs nothing, `ACCELERATOR_CHECK_EVERY` on a GPU, where a read per step idles it
-    while the host queues the next step (measured: 124M GPT-2 on an H100, see README); always 1
-    with policy="skip".
+    (checkpoints still refuse non-finite weights). policy="skip" with n > 1 needs an optimizer
+    that can skip a step on the device: torch's fused AdamW/Adam/SGD (`optimizer.fused: true`,
+    the default) take the GradScaler's `found_inf` flag and leave parameters, moments and step
+    count untouched where it is 1. The guard hands them its flag instead of dropping the
+    gradients, counts the skipped steps on the device and reads the count every n steps (the
+    warning and `train/skipped_steps` then cover those n steps; skips still unread at the end of
+    training are warned about and counted in `skipped`, too late to log). Other optimizers
+    decide on the host, every step (`check_optimizer` refuses n > 1 for them before the run). `check_every_n_steps=None` (the default) picks per device at fit
+    start: 1 on a CPU, where the read costs nothing, `ACCELERATOR_CHECK_EVERY` on a GPU, where a
+    read per step idles it while the host queues the next step (measured: 124M GPT-2 on an
+    H100, see README), unless policy="skip" has no such optimizer (then 1).
 
     Under a gradient scaler (`trainer.precision=16-mixed`) an overflow is routine: the scaler
     finds the inf, skips that step itself and halves its scale (and doubles it again after 2000
@@ -69,15 +75,17 @@ class NonFiniteGuard(L.Callback):
                 or check_every_n_steps < 1):
             raise ConfigError("callbacks.nonfinite.check_every_n_steps", check_every_n_steps,
                               "null (1 on a CPU, 25 on a GPU) or an integer >= 1")
-        if policy == "skip" and check_every_n_steps not in (None, 1):
-            raise ConfigError("callbacks.nonfinite.check_every_n_steps", check_every_n_steps, [None, 1],
-                              "policy=skip decides at every step whether to drop it")
         self.policy = policy
         self.checkpoint_dir = checkpoint_dir
         self.requested_check_every = check_every_n_steps
         self.check_every_n_steps = check_every_n_steps or 1
         self.skipped = 0
         self._first_bad: torch.Tensor | None = None  # step of the first bad gradients, -1 = none
+        # policy="skip" with n > 1: steps skipped on the device since the last read, the first
+        # step of that window, and the optimizers holding this step's `found_inf` flag.
+        self._pending_skips: torch.Tensor | None = None
+        self._window: tuple[int, int] | None = None
+        self._flagged: list[torch.optim.Optimizer] = []
         # DeepSpeed: (step, engine.skipped_steps before it, the fp16 loss scale it ran at or None)
         self._deepspeed_step: tuple[int, int, float | None] | None = None
 
@@ -110,10 +118,33 @@ class NonFiniteGuard(L.Callback):
                 "DeepSpeed at ZeRO stage 0 in fp32 with gradient clipping (trainer.gradient_clip_val) "
                 "cannot run a step without gradients; use policy=stop, ZeRO stage >= 1 (which skips "
                 "non-finite steps itself), or no clipping"))
+        on_device = all(skips_on_device(o) for o in getattr(trainer, "optimizers", None) or [None])
         if self.requested_check_every is None:
             on_cpu = pl_module.device.type == "cpu"
-            self.check_every_n_steps = (1 if on_cpu or self.policy == "skip"
+            self.check_every_n_steps = (1 if on_cpu or (self.policy == "skip" and not on_device)
                                         else self.ACCELERATOR_CHECK_EVERY)
+        elif (self.policy == "skip" and self.requested_check_every > 1 and not on_device
+              and not (engine is not None and _deepspeed_checks_grads(engine))):
+            # `check_optimizer` refused the optimizers that never can before the run started;
+            # this one can, but not over these parameters (FSDP2 shards).
+            log.warning("callbacks.nonfinite.policy=skip: the run's optimizer cannot skip a step on "
+                        "the device here (e.g. over FSDP2-sharded parameters); the guard decides on "
+                        "the host every step")
+            self.check_every_n_steps = 1
+
+    def check_optimizer(self, factory, strategy=None) -> None:
+        """Before compute: policy=skip with `check_every_n_steps` > 1 needs an optimizer that skips
+        a step on the device (`skips_on_device`); `factory` is the run's optimizer factory, tried
+        on a throwaway parameter. DeepSpeed strategies check the gradients themselves."""
+        n = self.requested_check_every
+        if self.policy != "skip" or n is None or n <= 1 or isinstance(strategy, DeepSpeedStrategy):
+            return
+        probe = factory([torch.nn.Parameter(torch.zeros(1))])
+        if not skips_on_device(probe):
+            raise ConfigError("callbacks.nonfinite.check_every_n_steps", n, "null or 1", (
+                "policy=skip reads the flag every step unless the optimizer skips a step on the "
+                "device itself: torch's fused AdamW, Adam or SGD (optimizer.fused=true); "
+                f"{type(probe).__name__} cannot"))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         engine = _deepspeed_engine(trainer)
@@ -128,6 +159,9 @@ class NonFiniteGuard(L.Callback):
         if scale is not None:
             bad = bad & (scale.to(bad.device) < self.SCALER_FLOOR)
         step = trainer.global_step
+        if self.check_every_n_steps > 1 and self.policy == "skip":
+            self._skip_on_device(step, pl_module, optimizer, bad, drop=scale is None)
+            return
         if self.check_every_n_steps > 1:
             if self._first_bad is None:
                 self._first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
@@ -151,7 +185,38 @@ class NonFiniteGuard(L.Callback):
             return
         self._stop(step)
 
+    def _skip_on_device(self, step: int, pl_module, optimizer, bad: torch.Tensor, drop: bool) -> None:
+        if drop:
+            # The GradScaler's protocol: a fused optimizer's step skips the whole update where
+            # `found_inf` is 1. (Under a scaler, the scaler sets it itself from the gradients.)
+            optimizer.found_inf = bad.to(torch.float32)
+            self._flagged.append(optimizer)
+        self._pending_skips = bad.long() if self._pending_skips is None else self._pending_skips + bad
+        self._window = (self._window[0] if self._window else step, step)
+        if (step + 1) % self.check_every_n_steps == 0:
+            self._report_skips(pl_module)
+
+    def _report_skips(self, pl_module=None) -> None:
+        """Read the device's count of skipped steps (one host read per window); `pl_module` to
+        log it, where logging is allowed (inside a training step)."""
+        if self._pending_skips is None or self._window is None:
+            return
+        count, (first, last) = int(self._pending_skips), self._window
+        self._pending_skips = self._window = None
+        if not count:
+            return
+        self.skipped += count
+        log.warning("non-finite gradients: %d of steps %d-%d skipped (%d so far)",
+                    count, first, last, self.skipped)
+        if pl_module is not None:
+            pl_module.log("train/skipped_steps", float(self.skipped))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # The flag was for the step just taken: a later step (or another fit of this optimizer)
+        # must not read it.
+        for optimizer in self._flagged:
+            optimizer.__dict__.pop("found_inf", None)
+        self._flagged.clear()
         if self._deepspeed_step is None:
             return
         step, skipped_before, scale = self._deepspeed_step
@@ -169,6 +234,7 @@ class NonFiniteGuard(L.Callback):
         pl_module.log("train/skipped_steps", float(self.skipped))
 
     def _check(self) -> None:
+        self._report_skips()
         if self._first_bad is not None:
             first = int(self._first_bad)
             if first >= 0:
@@ -186,6 +252,15 @@ class NonFiniteGuard(L.Callback):
             f"non-finite loss or gradients at step {step}; last good checkpoint: {good or 'none saved yet'} "
             "(lower the learning rate, enable gradient clipping, or set callbacks.nonfinite.policy=skip)"
         )
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether `optimizer.step()` honours a `found_inf` flag (torch's fused AdamW, Adam and SGD
+    set `_step_supports_amp_scaling`) over plain tensors (an FSDP2 shard's DTensor parameters
+    would meet a plain flag in the fused kernel; those runs keep the host decision)."""
+    return (bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+            and all(type(p.detach()) is torch.Tensor
+                    for group in optimizer.param_groups for p in group["params"]))
 
 
 def _scaler_scale(trainer) -> torch.Tensor | None:
