@@ -190,6 +190,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         log.info("trainer.precision=auto: %s on this hardware", precision)
     check_run(cfg)  # strategy, processes, precision, DeepSpeed config, PEFT: before any process starts
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    for guard in (c for c in callbacks if isinstance(c, NonFiniteGuard)):
+        guard.check_optimizer(lambda: instantiate_checked(cfg.optimizer, "optimizer"), trainer.strategy)
     use_run_config_launcher(trainer, cfg, overrides_of(cfg), ckpt_path)
     use_sigterm_consensus(trainer)  # multi-process runs: every rank stops at the same step
     if use_fp32_matmuls_for_emulated_bf16(trainer):
@@ -201,8 +203,6 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     parts = build_parts(cfg, load_resume_source(ckpt_path) if ckpt_path else None)
     params = parameter_counts(parts.task)  # backbone + task heads (e.g. the classifier)
     check_compression(compression, parts, cfg.trainer)
-    for guard in (c for c in callbacks if isinstance(c, NonFiniteGuard)):
-        guard.check_optimizer(parts.task.optimizer_factory, trainer.strategy)
 
     # Everything validated: from here on the run leaves a record.
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,8 @@ def test_nonfinite_skip_policy_drops_the_step_and_goes_on(make_cfg, monkeypatch,
     assert record["metrics"]["train/skipped_steps"] == 1.0
     state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    # Five updates of six steps: only step 2 was skipped (a flag left set would skip more).
+    assert {float(s["step"]) for s in state["optimizer_states"][0]["state"].values()} == {5.0}
 
 
 class SigtermDuringValidation(L.Callback):

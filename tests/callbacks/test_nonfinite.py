@@ -109,12 +109,15 @@ def test_skip_with_a_deferred_read_needs_an_optimizer_that_skips_on_the_device()
     # Checked on the run's optimizer factory before anything is built, naming the optimizer.
     guard = NonFiniteGuard(policy="skip", check_every_n_steps=5)
     with pytest.raises(ConfigError, match=r"check_every_n_steps.*5.*fused.*SGD cannot"):
-        guard.check_optimizer(functools.partial(torch.optim.SGD, lr=0.1))
-    guard.check_optimizer(functools.partial(torch.optim.AdamW, fused=True))
-    NonFiniteGuard(policy="skip").check_optimizer(functools.partial(torch.optim.SGD, lr=0.1))
+        guard.check_optimizer(lambda: functools.partial(torch.optim.SGD, lr=0.1))
+    guard.check_optimizer(lambda: functools.partial(torch.optim.AdamW, fused=True))
+    NonFiniteGuard(policy="skip").check_optimizer(lambda: functools.partial(torch.optim.SGD, lr=0.1))
+    # A config the optimizer itself refuses is left to the optimizer check, which names the field.
+    guard.check_optimizer(lambda: functools.partial(torch.optim.AdamW, lr=-1.0))
     guard.on_fit_start(_fitting(_adamw(fused=True)), _Module("cpu"))
     assert guard.check_every_n_steps == 5
-    # An optimizer that can, over parameters it cannot flag (FSDP2's DTensors): the host decides.
+    # What happens when the optimizer cannot skip the step over the run's parameters (FSDP2's
+    # DTensors; simulated here with one that cannot at all): the host decides, every step.
     unflaggable = NonFiniteGuard(policy="skip", check_every_n_steps=5)
     unflaggable.on_fit_start(_fitting(_adamw(fused=False)), _Module("cpu"))
     assert unflaggable.check_every_n_steps == 1
@@ -166,8 +169,42 @@ def test_skips_still_pending_are_counted_at_the_end_of_training(caplog):
     guard = NonFiniteGuard(policy="skip", check_every_n_steps=10)
     _train(guard, [[float("inf")] * 4, [1.0] * 4])
     assert guard.skipped == 0
-    guard.on_train_end(None, None)
+    trainer = _Trainer()
+    trainer.callback_metrics = {}
+    guard.on_train_end(trainer, None)  # Lightning refuses `log` here: the record's metrics
     assert guard.skipped == 1 and "1 of steps 0-1 skipped" in caplog.text
+    assert float(trainer.callback_metrics["train/skipped_steps"]) == 1.0
+
+
+def test_a_momentum_sgd_first_step_is_decided_on_the_host():
+    # Fused SGD creates its momentum buffers uninitialised and fills them on the first update:
+    # a first step skipped on the device would leave them garbage. That one step is decided on
+    # the host (gradients dropped), later ones on the device; the result equals a run that never
+    # saw the bad steps.
+    def train(grads):
+        torch.manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(3))
+        optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9, fused=True)
+        guard = NonFiniteGuard(policy="skip", check_every_n_steps=4)
+        trainer = _fitting(optimizer)
+        module = type("Module", (), {"log": lambda self, k, v: None})()
+        guard.on_fit_start(trainer, _Module("cpu"))
+        for step, grad in enumerate(grads):
+            trainer.global_step = step
+            param.grad = torch.tensor(grad)
+            guard.on_before_optimizer_step(trainer, module, optimizer)
+            optimizer.step()
+            guard.on_train_batch_end(trainer, module, None, None, step)
+            optimizer.zero_grad(set_to_none=True)
+        guard.on_train_end(None, None)
+        return param, optimizer, guard
+
+    nan = [float("nan")] * 3
+    param, optimizer, guard = train([nan, [0.1, 0.2, 0.3], nan, [0.3, -0.1, 0.2]])
+    ref, ref_optimizer, _ = train([[0.1, 0.2, 0.3], [0.3, -0.1, 0.2]])
+    assert guard.skipped == 2
+    assert torch.equal(param, ref)
+    assert torch.equal(optimizer.state[param]["momentum_buffer"], ref_optimizer.state[ref]["momentum_buffer"])
 
 
 class _ScaledTrainer(_Trainer):

@@ -36,9 +36,10 @@ class NonFiniteGuard(L.Callback):
     the default) take the GradScaler's `found_inf` flag and leave parameters, moments and step
     count untouched where it is 1. The guard hands them its flag instead of dropping the
     gradients, counts the skipped steps on the device and reads the count every n steps (the
-    warning and `train/skipped_steps` then cover those n steps; skips still unread at the end of
-    training are warned about and counted in `skipped`, too late to log). Other optimizers
-    decide on the host, every step (`check_optimizer` refuses n > 1 for them before the run). `check_every_n_steps=None` (the default) picks per device at fit
+    warning and `train/skipped_steps` then cover those n steps; a window cut short by
+    validation or the end of training is read there). Other optimizers decide on the host,
+    every step (`check_optimizer` refuses n > 1 for them before the run starts); so does a
+    momentum SGD's first step (`_momentum_unset`). `check_every_n_steps=None` (the default) picks per device at fit
     start: 1 on a CPU, where the read costs nothing, `ACCELERATOR_CHECK_EVERY` on a GPU, where a
     read per step idles it while the host queues the next step (measured: 124M GPT-2 on an
     H100, see README), unless policy="skip" has no such optimizer (then 1).
@@ -132,14 +133,20 @@ class NonFiniteGuard(L.Callback):
                         "the host every step")
             self.check_every_n_steps = 1
 
-    def check_optimizer(self, factory, strategy=None) -> None:
-        """Before compute: policy=skip with `check_every_n_steps` > 1 needs an optimizer that skips
-        a step on the device (`skips_on_device`); `factory` is the run's optimizer factory, tried
-        on a throwaway parameter. DeepSpeed strategies check the gradients themselves."""
+    def check_optimizer(self, build_factory, strategy=None) -> None:
+        """Before the run starts (`lmlab.train` calls it once the Trainer is built, before data
+        or model): policy=skip with `check_every_n_steps` > 1 needs an optimizer that skips a
+        step on the device (`skips_on_device`). `build_factory()` gives the run's optimizer
+        factory, tried on a throwaway parameter; an optimizer config that cannot even be built
+        is left to `lmlab.optim.probe.check_optimizer`, which names its field. DeepSpeed
+        strategies check the gradients themselves."""
         n = self.requested_check_every
         if self.policy != "skip" or n is None or n <= 1 or isinstance(strategy, DeepSpeedStrategy):
             return
-        probe = factory([torch.nn.Parameter(torch.zeros(1))])
+        try:
+            probe = build_factory()([torch.nn.Parameter(torch.zeros(1))])
+        except Exception:  # a bad optimizer field: reported with its name by the optimizer check
+            return
         if not skips_on_device(probe):
             raise ConfigError("callbacks.nonfinite.check_every_n_steps", n, "null or 1", (
                 "policy=skip reads the flag every step unless the optimizer skips a step on the "
@@ -160,9 +167,11 @@ class NonFiniteGuard(L.Callback):
             bad = bad & (scale.to(bad.device) < self.SCALER_FLOOR)
         step = trainer.global_step
         if self.check_every_n_steps > 1 and self.policy == "skip":
-            self._skip_on_device(step, pl_module, optimizer, bad, drop=scale is None)
-            return
-        if self.check_every_n_steps > 1:
+            if not _momentum_unset(optimizer):
+                self._skip_on_device(step, pl_module, optimizer, bad, drop=scale is None)
+                return
+            # else decided on the host below, this once
+        elif self.check_every_n_steps > 1:
             if self._first_bad is None:
                 self._first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
             # All on the device: no host read until `_check`.
@@ -196,9 +205,11 @@ class NonFiniteGuard(L.Callback):
         if (step + 1) % self.check_every_n_steps == 0:
             self._report_skips(pl_module)
 
-    def _report_skips(self, pl_module=None) -> None:
-        """Read the device's count of skipped steps (one host read per window); `pl_module` to
-        log it, where logging is allowed (inside a training step)."""
+    def _report_skips(self, pl_module=None, trainer=None) -> None:
+        """Read the device's count of skipped steps (one host read per window) and log it:
+        through `pl_module` inside a training step, else (validation start, end of training,
+        where Lightning refuses `log`) straight into `trainer.callback_metrics`, which the run
+        record is built from."""
         if self._pending_skips is None or self._window is None:
             return
         count, (first, last) = int(self._pending_skips), self._window
@@ -210,6 +221,8 @@ class NonFiniteGuard(L.Callback):
                     count, first, last, self.skipped)
         if pl_module is not None:
             pl_module.log("train/skipped_steps", float(self.skipped))
+        elif trainer is not None:
+            trainer.callback_metrics["train/skipped_steps"] = torch.tensor(float(self.skipped))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # The flag was for the step just taken: a later step (or another fit of this optimizer)
@@ -233,18 +246,18 @@ class NonFiniteGuard(L.Callback):
                     step, self.skipped)
         pl_module.log("train/skipped_steps", float(self.skipped))
 
-    def _check(self) -> None:
-        self._report_skips()
+    def _check(self, trainer=None) -> None:
+        self._report_skips(trainer=trainer)
         if self._first_bad is not None:
             first = int(self._first_bad)
             if first >= 0:
                 self._stop(first)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._check()
+        self._check(trainer)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self._check()
+        self._check(trainer)
 
     def _stop(self, step: int) -> None:
         good = last_good_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
@@ -260,6 +273,16 @@ def skips_on_device(optimizer) -> bool:
     would meet a plain flag in the fused kernel; those runs keep the host decision)."""
     return (bool(getattr(optimizer, "_step_supports_amp_scaling", False))
             and all(type(p.detach()) is torch.Tensor
+                    for group in optimizer.param_groups for p in group["params"]))
+
+
+def _momentum_unset(optimizer) -> bool:
+    """A momentum SGD before its buffers exist: its fused step creates them uninitialised
+    (`empty_like`) and fills them on the first update, so a first step skipped on the device
+    would leave garbage momentum behind. That step is decided on the host instead (once)."""
+    return (isinstance(optimizer, torch.optim.SGD)
+            and any(group.get("momentum", 0) and p.grad is not None
+                    and optimizer.state.get(p, {}).get("momentum_buffer") is None
                     for group in optimizer.param_groups for p in group["params"]))
 
 
