@@ -35,6 +35,7 @@ from lmlab.errors import ConfigError, LmlabError
 from lmlab.host_memory import set_host_memory
 from lmlab.instantiate import instantiate_checked
 from lmlab.loggers.wandb import finish_wandb_runs
+from lmlab.optim.probe import check_optimizer
 from lmlab.peft import parameter_counts
 from lmlab.precision import resolve_auto_precision, use_fp32_matmuls_for_emulated_bf16
 from lmlab.record import base_record, write_record
@@ -190,8 +191,12 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         log.info("trainer.precision=auto: %s on this hardware", precision)
     check_run(cfg)  # strategy, processes, precision, DeepSpeed config, PEFT: before any process starts
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
-    for guard in (c for c in callbacks if isinstance(c, NonFiniteGuard)):
-        guard.check_optimizer(lambda: instantiate_checked(cfg.optimizer, "optimizer"), trainer.strategy)
+    guards = [c for c in callbacks if isinstance(c, NonFiniteGuard)]
+    if any(g.policy == "skip" for g in guards):
+        optimizer_factory = instantiate_checked(cfg.optimizer, "optimizer")
+        check_optimizer(optimizer_factory)  # a bad field named first
+        for guard in guards:
+            guard.check_optimizer(lambda: optimizer_factory, trainer.strategy)
     use_run_config_launcher(trainer, cfg, overrides_of(cfg), ckpt_path)
     use_sigterm_consensus(trainer)  # multi-process runs: every rank stops at the same step
     if use_fp32_matmuls_for_emulated_bf16(trainer):

@@ -93,3 +93,17 @@ def test_optimizer_covers_heads_and_skips_frozen_parameters(pairs):
     in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert in_groups == {id(p) for p in task.parameters() if p.requires_grad}
     assert torch.is_tensor(task.tokens_seen)
+
+
+def test_fused_momentum_sgd_starts_with_zero_buffers(pairs):
+    # torch's fused SGD would create them uninitialised in a first step that a GradScaler or
+    # NonFiniteGuard may skip on the device (lmlab.optim.momentum).
+    import functools
+
+    backbone = tiny_backbone("decoder", pairs.tokenizer.vocab_size)
+    sgd = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, fused=True)
+    task = CausalLMTask(backbone, pairs.tokenizer, sgd)
+    optimizer = task.configure_optimizers()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert params and all(torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros_like(p))
+                          for p in params)

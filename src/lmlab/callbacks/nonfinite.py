@@ -36,10 +36,11 @@ class NonFiniteGuard(L.Callback):
     the default) take the GradScaler's `found_inf` flag and leave parameters, moments and step
     count untouched where it is 1. The guard hands them its flag instead of dropping the
     gradients, counts the skipped steps on the device and reads the count every n steps (the
-    warning and `train/skipped_steps` then cover those n steps; a window cut short by
-    validation or the end of training is read there). Other optimizers decide on the host,
+    warning and `train/skipped_steps` then cover those n steps; a window cut short by the end
+    of training is read there, its total put into the run record). Other optimizers decide on the host,
     every step (`check_optimizer` refuses n > 1 for them before the run starts); so does a
-    momentum SGD's first step (`_momentum_unset`). `check_every_n_steps=None` (the default) picks per device at fit
+    momentum SGD's first step where its buffers do not exist yet (`_momentum_unset`; the tasks
+    create fused SGD's as zeros up front where that is exact, `lmlab.optim.momentum`). `check_every_n_steps=None` (the default) picks per device at fit
     start: 1 on a CPU, where the read costs nothing, `ACCELERATOR_CHECK_EVERY` on a GPU, where a
     read per step idles it while the host queues the next step (measured: 124M GPT-2 on an
     H100, see README), unless policy="skip" has no such optimizer (then 1).
@@ -137,16 +138,12 @@ class NonFiniteGuard(L.Callback):
         """Before the run starts (`lmlab.train` calls it once the Trainer is built, before data
         or model): policy=skip with `check_every_n_steps` > 1 needs an optimizer that skips a
         step on the device (`skips_on_device`). `build_factory()` gives the run's optimizer
-        factory, tried on a throwaway parameter; an optimizer config that cannot even be built
-        is left to `lmlab.optim.probe.check_optimizer`, which names its field. DeepSpeed
-        strategies check the gradients themselves."""
+        factory (already through `lmlab.optim.probe.check_optimizer`, which names a bad field),
+        tried on a throwaway parameter. DeepSpeed strategies check the gradients themselves."""
         n = self.requested_check_every
         if self.policy != "skip" or n is None or n <= 1 or isinstance(strategy, DeepSpeedStrategy):
             return
-        try:
-            probe = build_factory()([torch.nn.Parameter(torch.zeros(1))])
-        except Exception:  # a bad optimizer field: reported with its name by the optimizer check
-            return
+        probe = build_factory()([torch.nn.Parameter(torch.zeros(1))])
         if not skips_on_device(probe):
             raise ConfigError("callbacks.nonfinite.check_every_n_steps", n, "null or 1", (
                 "policy=skip reads the flag every step unless the optimizer skips a step on the "
@@ -205,11 +202,10 @@ class NonFiniteGuard(L.Callback):
         if (step + 1) % self.check_every_n_steps == 0:
             self._report_skips(pl_module)
 
-    def _report_skips(self, pl_module=None, trainer=None) -> None:
-        """Read the device's count of skipped steps (one host read per window) and log it:
-        through `pl_module` inside a training step, else (validation start, end of training,
-        where Lightning refuses `log`) straight into `trainer.callback_metrics`, which the run
-        record is built from."""
+    def _report_skips(self, pl_module=None) -> None:
+        """Read the device's count of skipped steps (one host read per window), warn, and log
+        the total through `pl_module` (inside a training step; at the end of training the total
+        goes into the run record from `on_train_end`)."""
         if self._pending_skips is None or self._window is None:
             return
         count, (first, last) = int(self._pending_skips), self._window
@@ -221,8 +217,6 @@ class NonFiniteGuard(L.Callback):
                     count, first, last, self.skipped)
         if pl_module is not None:
             pl_module.log("train/skipped_steps", float(self.skipped))
-        elif trainer is not None:
-            trainer.callback_metrics["train/skipped_steps"] = torch.tensor(float(self.skipped))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # The flag was for the step just taken: a later step (or another fit of this optimizer)
@@ -246,18 +240,24 @@ class NonFiniteGuard(L.Callback):
                     step, self.skipped)
         pl_module.log("train/skipped_steps", float(self.skipped))
 
-    def _check(self, trainer=None) -> None:
-        self._report_skips(trainer=trainer)
+    def _check(self) -> None:
         if self._first_bad is not None:
             first = int(self._first_bad)
             if first >= 0:
                 self._stop(first)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._check(trainer)
+        self._report_skips()
+        if self.skipped and trainer is not None:
+            # Lightning refuses `log` here, and its results were reset before this hook: the
+            # total goes straight into the metrics the run record is built from.
+            trainer.callback_metrics["train/skipped_steps"] = torch.tensor(float(self.skipped))
+        self._check()
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self._check(trainer)
+        # policy=stop: do not evaluate a poisoned model. Skips are left to their window's read
+        # (logged then, inside a training step, so the logged total never goes stale).
+        self._check()
 
     def _stop(self, step: int) -> None:
         good = last_good_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None

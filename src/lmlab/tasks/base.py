@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 from torch._functorch import config as functorch_config
@@ -18,6 +19,7 @@ from lmlab.checkpoint import METADATA_KEY, tokenizer_files
 from lmlab.errors import ConfigError
 from lmlab.models.config import CUDAGRAPH_COMPILE_MODES
 from lmlab.models.prepack import clear_prepacked
+from lmlab.optim.momentum import zero_fused_momentum_buffers
 from lmlab.tokenizers import Tokenizer
 
 
@@ -314,6 +316,9 @@ class LMTask(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(split_weight_decay(self, self.weight_decay))
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, DeepSpeedStrategy):  # ZeRO re-groups the parameters
+            zero_fused_momentum_buffers(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 1
