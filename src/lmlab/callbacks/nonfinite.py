@@ -37,13 +37,14 @@ class NonFiniteGuard(L.Callback):
     count untouched where it is 1. The guard hands them its flag instead of dropping the
     gradients, counts the skipped steps on the device and reads the count every n steps (the
     warning and `train/skipped_steps` then cover those n steps; a window cut short by the end
-    of training is read there, its total put into the run record). Other optimizers decide on the host,
-    every step (`check_optimizer` refuses n > 1 for them before the run starts); so does a
-    momentum SGD's first step where its buffers do not exist yet (`_momentum_unset`; the tasks
-    create fused SGD's as zeros up front where that is exact, `lmlab.optim.momentum`). `check_every_n_steps=None` (the default) picks per device at fit
-    start: 1 on a CPU, where the read costs nothing, `ACCELERATOR_CHECK_EVERY` on a GPU, where a
-    read per step idles it while the host queues the next step (measured: 124M GPT-2 on an
-    H100, see README), unless policy="skip" has no such optimizer (then 1).
+    of training is read there, its total put into the run record). Other optimizers decide on
+    the host, every step (`check_optimizer` refuses n > 1 for them before the run starts); so
+    does a momentum SGD's first step where its buffers do not exist yet (`_momentum_unset`; the
+    tasks create fused SGD's as zeros up front where that is exact, `lmlab.optim.momentum`).
+    `check_every_n_steps=None` (the default) picks per device at fit start: 1 on a CPU, where
+    the read costs nothing, `ACCELERATOR_CHECK_EVERY` on a GPU, where a read per step idles it
+    while the host queues the next step (measured: 124M GPT-2 on an H100, see README), unless
+    policy="skip" has no such optimizer (then 1).
 
     Under a gradient scaler (`trainer.precision=16-mixed`) an overflow is routine: the scaler
     finds the inf, skips that step itself and halves its scale (and doubles it again after 2000

@@ -59,8 +59,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
 def uses_written_pass(x: Tensor, weight: Tensor | None) -> bool:
     """Whether `RMSNorm` runs `_RMSNormFunction` for input `x` (see the module docstring)."""
-    return (_FUSED_FORWARD is not None and weight is not None and x.device.type == "cpu" and x.dtype in FULL_PRECISION
-            and weight.dtype == x.dtype and type(weight.detach()) is torch.Tensor
+    return (_FUSED_FORWARD is not None and weight is not None
+            and x.device.type == "cpu" and x.dtype in FULL_PRECISION and weight.dtype == x.dtype
+            and type(weight.detach()) is torch.Tensor
             and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and x.dim() >= 1 and x.numel() > 0
