@@ -97,8 +97,6 @@ def test_torch_path_where_the_written_pass_does_not_apply():
     with torch.no_grad():
         assert not uses_written_pass(x, norm.weight)  # inference: torch's fused forward
         torch.testing.assert_close(norm(x), nn.functional.rms_norm(x, [16], norm.weight, 1e-6))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _written(norm(x))
     assert not _written(norm.to(torch.bfloat16)(x.detach().bfloat16().requires_grad_()))
     assert not uses_written_pass(x, None)
     assert not uses_written_pass(torch.randn(0, 16, requires_grad=True), norm.weight)
@@ -139,3 +137,27 @@ def test_forward_ad_and_torch_func_take_torch_path():
     params = {k: v.detach() for k, v in norm.named_parameters()}
     weight_grad = grad(lambda p: functional_call(norm, p, (x,)).sum())(params)["weight"]
     torch.testing.assert_close(weight_grad, (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).sum(0))
+
+
+def test_bf16_autocast_takes_the_written_pass_on_the_fp32_residual_stream():
+    """Autocast leaves an fp32 rms_norm in fp32: the written pass gives torch's values there,
+    and a bf16 input (no fused kernel for mixed dtypes) keeps torch's path."""
+    norm, reference = _norm(16), nn.RMSNorm(16, eps=1e-6)
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = norm(x), reference(x)
+        assert _written(out) and out.dtype == torch.float32
+        assert torch.equal(out, expected)
+        assert not _written(norm(x.detach().bfloat16().requires_grad_()))
+    grad = torch.randn_like(out)
+    want = torch.autograd.grad(expected, (x, reference.weight), grad, retain_graph=True)
+    got = torch.autograd.grad(out, (x, norm.weight), grad, retain_graph=True)
+    # A backward called inside autocast too: its row dot product (`linalg.vecdot`, on autocast's
+    # bf16 list) must stay fp32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_inside = torch.autograd.grad(out, (x, norm.weight), grad)
+    for a, a_inside, b in zip(got, got_inside, want):
+        assert a.dtype == a_inside.dtype == torch.float32
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a_inside, b)

@@ -9,13 +9,17 @@ returns 1 / rms (kept for backward, with the input); the backward is x̂ = x / r
 dot product (d(input) = (g - x̂ * mean(g * x̂)) / rms with g = d(out) * weight, written in
 place) and one product summed for d(weight).
 
-`uses_written_pass` says when: CPU, fp32/fp64 input and weight, a gradient wanted, no
-autocast, outside torch.compile (inductor fuses the composite itself), outside forward-mode
+`uses_written_pass` says when: CPU, fp32/fp64 input and weight, a gradient wanted, outside
+torch.compile (inductor fuses the composite itself), outside forward-mode
 AD and torch.func transforms, and a plain weight tensor (a DTensor falls back; inside an
 FSDP2 forward the weight is the gathered plain parameter, so those runs take this pass too).
 Everything else, inference included (nothing to gain without a backward), runs `nn.RMSNorm`
 unchanged. Outputs are torch's exactly; gradients equal torch's up to float rounding, once
-(the backward is not differentiable again: double backward raises).
+(the backward is not differentiable again: double backward raises). Under bf16 autocast the
+norm's input is the fp32 residual stream (a product's bf16 output added to fp32 is fp32), and
+autocast leaves an fp32 `rms_norm` in fp32 (it is on none of its lists), so mixed-precision
+runs take the written pass too, with the same values; it runs with autocast off, which changes
+none of its ops and keeps it so should a torch version list them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ _FUSED_FORWARD = getattr(torch.ops.aten, "_fused_rms_norm", None)
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, x: Tensor, weight: Tensor, eps: float | None) -> Tensor:  # type: ignore[override]
         # torch's own fused forward: the values are exactly `nn.RMSNorm`'s, with or without
         # gradients (a forward written here was 0.5 ms faster but differed by an ulp, so an
@@ -43,6 +48,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # its in-place updates and saved 1 / rms are not differentiable again
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
         normed = x * rstd
@@ -63,7 +69,7 @@ def uses_written_pass(x: Tensor, weight: Tensor | None) -> bool:
             and x.device.type == "cpu" and x.dtype in FULL_PRECISION and weight.dtype == x.dtype
             and type(weight.detach()) is torch.Tensor
             and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch.compiler.is_compiling()
             and x.dim() >= 1 and x.numel() > 0
             # forward-mode AD and torch.func transforms need rules this function does not have
             and forward_ad._current_level < 0
