@@ -5,7 +5,8 @@ dropout) at the bench dimensions is saved and imported with `lmlab.models.hf.imp
 outputs are checked equal, then training tokens/s (fp32, eager, fused AdamW on both sides)
 are compared, each side computing its loss the way its users do:
 
-- bert: the mlm task's step (backbone, MLM head on the 15% chosen positions only, fp32
+- bert: the mlm task's step (backbone, without the attention mask for this batch without
+  padding as the task calls it, MLM head on the 15% chosen positions only, fp32
   cross-entropy) vs `BertForMaskedLM(input_ids, attention_mask, labels=...)`, which runs its
   head on every position. A second row gives HF's head the same chosen positions (`hf.cls`
   on the gathered hidden states): the same work on both sides, the model code compared.
@@ -88,8 +89,12 @@ def bert_rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
     chosen = torch.rand(ids.shape, device=device) < 0.15
     labels = torch.where(chosen, ids, -100)
 
+    # As the mlm task calls its backbone: a batch without padding goes without the all-ones
+    # mask (decided on the host); HF drops such a mask itself (no mask reaches its SDPA).
+    lmlab_mask = None if bool(mask.all()) else mask
+
     def lmlab_step():
-        hidden = lmlab(ids, mask)
+        hidden = lmlab(ids, lmlab_mask)
         logits = lmlab.mlm_logits(hidden[chosen])
         return F.cross_entropy(logits[:, : size.vocab].float(), ids[chosen])
 

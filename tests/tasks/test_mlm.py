@@ -111,6 +111,48 @@ def test_host_masks_are_page_locked_for_a_gpu_run(text_dm, monkeypatch):
             assert {id(t) for t in pinned} == {id(out[k]) for k in ("mlm_input_ids", "mlm_positions", "mlm_targets")}
 
 
+def test_a_batch_without_padding_trains_without_an_attention_mask(text_dm):
+    # Packed windows have no padding: the step leaves the all-ones mask out, so attention runs
+    # SDPA's unmasked kernels; a padded batch keeps it, and a mask already on another device
+    # is kept unread (reading it would wait for that device).
+    from types import SimpleNamespace
+
+    task = _task(text_dm)
+    task._trainer = SimpleNamespace(
+        training=True, global_step=0, global_rank=0, accumulate_grad_batches=1, world_size=1,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=-1)),
+        strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    task.log = lambda *a, **k: None
+    passed = []
+    backbone_call = task.run_backbone
+    task.run_backbone = lambda ids, mask: passed.append(mask) or backbone_call(ids, mask)
+    batch = next(iter(text_dm.train_dataloader()))
+    padded = {**batch, "attention_mask": batch["attention_mask"].clone()}
+    padded["attention_mask"][0, -5:] = 0
+
+    losses = []
+    for given, unpadded in ((batch, True), (padded, False)):
+        out = task.on_before_batch_transfer(dict(given), 0)
+        assert out["mlm_unpadded"] is unpadded
+        losses.append(task.training_step(out, 0))
+        assert (passed[-1] is None) if unpadded else (passed[-1] is given["attention_mask"])
+    # the same loss as the masked call (the masks' values changed nothing for unpadded rows)
+    with torch.no_grad():
+        out = task.on_before_batch_transfer(dict(batch), 0)
+        reference = task.backbone.mlm_logits(task.backbone(out["mlm_input_ids"], batch["attention_mask"]))
+        reference = F.cross_entropy(reference.flatten(0, 1)[out["mlm_positions"], : text_dm.tokenizer.vocab_size],
+                                    out["mlm_targets"])
+    torch.testing.assert_close(losses[0].detach(), reference, rtol=1e-5, atol=1e-6)
+
+    class ElsewhereMask(torch.Tensor):  # a mask on a device whose values the host cannot read free
+        @property
+        def device(self):
+            return torch.device("meta")
+
+    elsewhere = {**batch, "attention_mask": batch["attention_mask"].as_subclass(ElsewhereMask)}
+    assert task.on_before_batch_transfer(elsewhere, 0)["mlm_unpadded"] is False
+
+
 def test_evaluation_masks_do_not_depend_on_the_batching(text_dm):
     # Each row's masks follow its index in the split: 16 windows in batches of 16, of 3, or as
     # one of two ranks' shares (lmlab.data.eval_sharding) get the same masks.
