@@ -111,7 +111,7 @@ def test_host_masks_are_page_locked_for_a_gpu_run(text_dm, monkeypatch):
             assert {id(t) for t in pinned} == {id(out[k]) for k in ("mlm_input_ids", "mlm_positions", "mlm_targets")}
 
 
-def test_a_batch_without_padding_trains_without_an_attention_mask(text_dm):
+def test_a_batch_without_padding_runs_without_an_attention_mask(text_dm):
     # Packed windows have no padding: the step leaves the all-ones mask out, so attention runs
     # SDPA's unmasked kernels; a padded batch keeps it, and a mask already on another device
     # is kept unread (reading it would wait for that device).
@@ -148,6 +148,14 @@ def test_a_batch_without_padding_trains_without_an_attention_mask(text_dm):
         @property
         def device(self):
             return torch.device("meta")
+
+    # evaluation batches too (masked in the step, not in the hook)
+    task._trainer.training = False
+    for given, unpadded in ((batch, True), (padded, False)):
+        out = task.on_before_batch_transfer(dict(given), 0)
+        assert out["mlm_unpadded"] is unpadded and "mlm_step" not in out
+        task.validation_step(out, 0)
+        assert (passed[-1] is None) if unpadded else (passed[-1] is given["attention_mask"])
 
     elsewhere = {**batch, "attention_mask": batch["attention_mask"].as_subclass(ElsewhereMask)}
     assert task.on_before_batch_transfer(elsewhere, 0)["mlm_unpadded"] is False

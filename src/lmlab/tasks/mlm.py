@@ -85,7 +85,13 @@ class MaskedLMTask(LMTask):
         masked_ids, labels = self.mask(batch, generator)
         chosen = (labels != IGNORE_INDEX).flatten()
         positions = chosen.nonzero().squeeze(1)  # on a GPU: a host read (see on_before_batch_transfer)
-        return self._logits_at(masked_ids, batch.get("attention_mask"), positions), labels.flatten()[positions]
+        return self._logits_at(masked_ids, self._backbone_mask(batch), positions), labels.flatten()[positions]
+
+    @staticmethod
+    def _backbone_mask(batch: dict) -> Tensor | None:
+        """The attention mask the backbone gets: none for a batch the transfer hook found
+        without padding."""
+        return None if batch.get("mlm_unpadded") else batch.get("attention_mask")
 
     def _logits_at(self, masked_ids: Tensor, attention_mask: Tensor | None, positions: Tensor) -> Tensor:
         hidden = self.run_backbone(masked_ids, attention_mask)
@@ -107,13 +113,17 @@ class MaskedLMTask(LMTask):
         rest, page-locked on a GPU run so the copy does not wait either. The same generator
         as `training_step`'s own masking, so the masks are the same either way.
 
-        A batch without padding (packed text windows: every batch of `data=text`) also gets
-        `mlm_unpadded`, and its step calls the backbone without the all-ones attention mask:
-        attention then takes SDPA's unmasked kernels (flash or cuDNN on a GPU, where a mask
+        Every batch (evaluation too) gets `mlm_unpadded`: for a batch without padding (packed
+        text windows: every batch of `data=text`) the backbone is called without the all-ones
+        attention mask, so attention takes SDPA's unmasked kernels (flash or cuDNN on a GPU, where a mask
         means the slower memory-efficient kernel; on a CPU the flash kernel without a mask
         term, ~10 % faster). Decided here on the host copy, so it reads no device value."""
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            return batch
+        mask = batch.get("attention_mask")
+        batch = {**batch, "mlm_unpadded": mask is None or (mask.device.type == "cpu" and bool(mask.all()))}
         trainer = self._trainer
-        if trainer is None or not trainer.training or not isinstance(batch, dict) or "input_ids" not in batch:
+        if trainer is None or not trainer.training:
             return batch
         batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # the index training_step gets
         masked_ids, labels = self.mask(batch, self.train_generator(trainer.global_step, batch_idx))
@@ -122,15 +132,11 @@ class MaskedLMTask(LMTask):
                    "mlm_targets": labels.flatten()[positions]}
         if trainer.strategy.root_device.type == "cuda":
             masking = {k: v.pin_memory() for k, v in masking.items()}
-        mask = batch.get("attention_mask")
-        unpadded = mask is None or (mask.device.type == "cpu" and bool(mask.all()))
-        return {**batch, **masking, "mlm_step": (trainer.global_step, batch_idx),
-                "mlm_unpadded": unpadded}
+        return {**batch, **masking, "mlm_step": (trainer.global_step, batch_idx)}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if batch.get("mlm_step") == (self.global_step, batch_idx):  # masked on the host
-            mask = None if batch["mlm_unpadded"] else batch.get("attention_mask")
-            logits = self._logits_at(batch["mlm_input_ids"], mask, batch["mlm_positions"])
+            logits = self._logits_at(batch["mlm_input_ids"], self._backbone_mask(batch), batch["mlm_positions"])
             targets = batch["mlm_targets"]
         else:  # a batch that did not pass through Lightning's transfer hooks
             logits, targets = self.masked_logits(batch, self.train_generator(self.global_step, batch_idx))
