@@ -25,7 +25,16 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from bench.common import Row, Size, adamw, cpu_speedup, interleaved, paired_speedup, rate_row
+from bench.common import (
+    Row,
+    Size,
+    adamw,
+    cpu_speedup,
+    interleaved,
+    paired_speedup,
+    rate_row,
+    training_repeats,
+)
 from lmlab.models import build_backbone
 from lmlab.models.hf import import_hf
 
@@ -64,7 +73,8 @@ def _compare(size: Size, name: str, lmlab, hf, lmlab_step, hf_step, tokens: int,
             optimizers[side].step()
             optimizers[side].zero_grad(set_to_none=True)
 
-    times = interleaved({k: (lambda k=k: run(k)) for k in steps}, size.repeats, device=device)
+    times = interleaved({k: (lambda k=k: run(k)) for k in steps}, training_repeats(size),
+                        device=device)
     tok = {k: tokens * size.steps / t for k, t in times.items()}
     return rate_row(name, f"training tok/s, fp32 eager{what}", tok["lmlab"], tok["hf"], GOAL,
                     [f"outputs equal to {diff:.0e}, losses to {loss_diff:.0e}"], cpu_speedup(),

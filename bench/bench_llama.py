@@ -40,6 +40,7 @@ from bench.common import (
     rate_row,
     shifted_labels,
     synchronize,
+    training_repeats,
 )
 from lmlab.models import ModelConfig, build_backbone
 from lmlab.models.generation import generate
@@ -136,9 +137,7 @@ def train_rows(size: Size, compiled: bool = True, device: torch.device | str = "
             # warm-up call: one-time costs vanish in a step that long (compiled still needs one
             # call to compile, ~15 s).
             slow = cpu and dtype == "bf16" and emulated and not equal_kernels
-            # 4 more repeats than the size's otherwise: the goals are 5-10 %, and two quiet runs
-            # of 5 repeats gave 1.09x and 1.03x for the same code (A/B runs moved ±4 %).
-            steps, repeats = (1, min(2, size.repeats)) if slow else (size.steps, size.repeats + 4)
+            steps, repeats = (1, min(2, size.repeats)) if slow else (size.steps, training_repeats(size))
             warmup = (1 if cpu else 2) if mode == "compiled" else 0 if slow else 1
 
             def run(name, models=models, dtype=dtype, steps=steps, equal=equal_kernels):

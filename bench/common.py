@@ -55,6 +55,13 @@ GPU = Size(n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_ff=2048, vocab=
 SIZES = {"cpu": FULL, "quick": QUICK, "gpu": GPU}
 
 
+def training_repeats(size: Size) -> int:
+    """Repeats of the training rows against HF (train, encoders): 4 more than the size's, as
+    their 5-10 % goals are within what 5 repeats moved between two quiet runs of the same code
+    (gqa fp32: 1.09x and 1.03x; bert same work: 0.97x and 1.05x minutes apart)."""
+    return size.repeats + 4
+
+
 def synchronize(device: torch.device | str | None) -> None:
     """Wait for the device's queued kernels (CUDA runs asynchronously: without this a timer
     measures the launches, not the work)."""

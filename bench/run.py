@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` as well as `python -m ben
 
 import torch  # noqa: E402
 
-from bench.common import SIZES, Row, Size, markdown, time_row  # noqa: E402
+from bench.common import SIZES, Row, Size, markdown, time_row, training_repeats  # noqa: E402
 from lmlab.host_memory import MODES as HOST_MEMORY_MODES  # noqa: E402
 from lmlab.host_memory import set_host_memory  # noqa: E402
 
@@ -111,8 +111,8 @@ def header(size: Size, size_name: str, device: torch.device, host_memory: str) -
             f"{what}: {size.n_layers} layers, d_model "
             f"{size.d_model}, {size.n_heads} heads ({size.n_kv_heads} KV), FFN {size.d_ff}, vocab "
             f"{size.vocab}, batch {size.batch}x{size.seq_len}; median of {size.repeats} "
-            f"interleaved repeats of {size.steps} step(s) unless a row says otherwise (train: "
-            f"{size.repeats + 4}; tokenizers: {TOKENIZER_REPEATS[size_name == 'quick']}); "
+            f"interleaved repeats of {size.steps} step(s) unless a row says otherwise (train and "
+            f"encoders: {training_repeats(size)}; tokenizers: {TOKENIZER_REPEATS[size_name == 'quick']}); "
             f"host_memory={host_memory} for both sides. Ratio = lmlab / "
             "reference: the median of the ratios of the repeats' pairs (the two sides run back "
             "to back), in wall and in process CPU time; lmlab and reference columns: medians.")
