@@ -164,3 +164,40 @@ def test_decoder_relative_bias_and_embedding_scale(make_model):
     with torch.no_grad():
         plain.embed_tokens.weight.mul_(32**0.5)
     torch.testing.assert_close(scaled(ids), plain(ids), atol=1e-5, rtol=1e-5)
+
+
+NO_MASK_CASES = {
+    **{f"position={p}": dict(position=p) for p in POSITIONS},
+    "post-ln-rmsnorm-rope": dict(position="rope", norm="rmsnorm", norm_position="post"),
+    "moe-topk-capacity": dict(ffn="moe", n_experts=4, top_k=2, capacity_factor=1.25),
+    "moe-expert-choice": dict(ffn="moe", n_experts=4, top_k=2, router="expert_choice"),
+    "window-global-qknorm": dict(sliding_window=3, global_tokens=1, qk_norm=True, norm="rmsnorm"),
+    "checkpointing": dict(activation_checkpointing=True),
+    "peft=prompt": dict(),
+    "peft=prefix-alibi": dict(position="alibi"),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_MASK_CASES))
+def test_no_mask_equals_an_all_ones_mask(case):
+    # The mlm task calls the backbone without the mask of a batch without padding
+    # (MaskedLMTask.on_before_batch_transfer): outputs and gradients must be the ones an
+    # all-ones mask gives, for every encoder lmlab builds.
+    from lmlab.peft import build_peft_strategy
+
+    model = _encoder(**NO_MASK_CASES[case]).train()
+    if case.startswith("peft="):
+        method = case.split("=")[1].split("-")[0]
+        build_peft_strategy({"method": method, "n_virtual_tokens": 3}).apply(model)
+    ids = torch.randint(4, 50, (3, 11))
+    outs, grads = [], []
+    for mask in (torch.ones_like(ids), None):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, mask)
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)

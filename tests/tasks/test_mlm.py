@@ -144,10 +144,14 @@ def test_a_batch_without_padding_runs_without_an_attention_mask(text_dm):
                                     out["mlm_targets"])
     torch.testing.assert_close(losses[0].detach(), reference, rtol=1e-5, atol=1e-6)
 
-    class ElsewhereMask(torch.Tensor):  # a mask on a device whose values the host cannot read free
-        @property
-        def device(self):
-            return torch.device("meta")
+    class ElsewhereMask(torch.Tensor):
+        """A mask on another device (a GPU's): reading its values would wait for that device."""
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func == torch.Tensor.device.__get__:
+                return torch.device("meta")
+            raise AssertionError(f"the hook read a mask that is not on the host ({func.__name__})")
 
     # evaluation batches too (masked in the step, not in the hook)
     task._trainer.training = False

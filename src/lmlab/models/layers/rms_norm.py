@@ -18,8 +18,7 @@ unchanged. Outputs are torch's exactly; gradients equal torch's up to float roun
 (the backward is not differentiable again: double backward raises). Under bf16 autocast the
 norm's input is the fp32 residual stream (a product's bf16 output added to fp32 is fp32), and
 autocast leaves an fp32 `rms_norm` in fp32 (it is on none of its lists), so mixed-precision
-runs take the written pass too, with the same values; it runs with autocast off, which changes
-none of its ops and keeps it so should a torch version list them.
+runs take the written pass too, with the same values; it runs with autocast off.
 """
 
 from __future__ import annotations
@@ -36,30 +35,34 @@ _FUSED_FORWARD = getattr(torch.ops.aten, "_fused_rms_norm", None)
 
 
 class _RMSNormFunction(torch.autograd.Function):
+    # Autocast is off inside both passes through a fresh context per call (a decorator would
+    # share one autocast instance, whose saved state two threads could mix up): none of the
+    # forward's ops is on an autocast list today, but the backward's `linalg.vecdot` is on the
+    # bf16 one and would round d(input) when backward is called inside autocast.
     @staticmethod
-    @torch.autocast("cpu", enabled=False)
     def forward(ctx, x: Tensor, weight: Tensor, eps: float | None) -> Tensor:  # type: ignore[override]
         # torch's own fused forward: the values are exactly `nn.RMSNorm`'s, with or without
         # gradients (a forward written here was 0.5 ms faster but differed by an ulp, so an
         # output would have depended on whether autograd was recording).
-        out, rstd = _FUSED_FORWARD(x, [x.shape[-1]], weight, eps)
+        with torch.autocast("cpu", enabled=False):
+            out, rstd = _FUSED_FORWARD(x, [x.shape[-1]], weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     @once_differentiable  # its in-place updates and saved 1 / rms are not differentiable again
-    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
-        normed = x * rstd
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad_out * normed).reshape(-1, normed.shape[-1]).sum(0)
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            g = grad_out * weight
-            mean_dot = torch.linalg.vecdot(g, normed).unsqueeze_(-1).div_(normed.shape[-1])
-            grad_input = g.addcmul_(normed, mean_dot, value=-1).mul_(rstd)
+        with torch.autocast("cpu", enabled=False):
+            normed = x * rstd
+            grad_weight = None
+            if ctx.needs_input_grad[1]:
+                grad_weight = (grad_out * normed).reshape(-1, normed.shape[-1]).sum(0)
+            grad_input = None
+            if ctx.needs_input_grad[0]:
+                g = grad_out * weight
+                mean_dot = torch.linalg.vecdot(g, normed).unsqueeze_(-1).div_(normed.shape[-1])
+                grad_input = g.addcmul_(normed, mean_dot, value=-1).mul_(rstd)
         return grad_input, grad_weight, None
 
 
