@@ -196,7 +196,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         optimizer_factory = instantiate_checked(cfg.optimizer, "optimizer")
         check_optimizer(optimizer_factory)  # a bad field named first
         for guard in guards:
-            guard.check_optimizer(lambda: optimizer_factory, trainer.strategy)
+            guard.check_optimizer(optimizer_factory, trainer.strategy)
     use_run_config_launcher(trainer, cfg, overrides_of(cfg), ckpt_path)
     use_sigterm_consensus(trainer)  # multi-process runs: every rank stops at the same step
     if use_fp32_matmuls_for_emulated_bf16(trainer):

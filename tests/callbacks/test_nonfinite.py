@@ -109,9 +109,9 @@ def test_skip_with_a_deferred_read_needs_an_optimizer_that_skips_on_the_device()
     # Checked on the run's optimizer factory before anything is built, naming the optimizer.
     guard = NonFiniteGuard(policy="skip", check_every_n_steps=5)
     with pytest.raises(ConfigError, match=r"check_every_n_steps.*5.*fused.*SGD cannot"):
-        guard.check_optimizer(lambda: functools.partial(torch.optim.SGD, lr=0.1))
-    guard.check_optimizer(lambda: functools.partial(torch.optim.AdamW, fused=True))
-    NonFiniteGuard(policy="skip").check_optimizer(lambda: functools.partial(torch.optim.SGD, lr=0.1))
+        guard.check_optimizer(functools.partial(torch.optim.SGD, lr=0.1))
+    guard.check_optimizer(functools.partial(torch.optim.AdamW, fused=True))
+    NonFiniteGuard(policy="skip").check_optimizer(functools.partial(torch.optim.SGD, lr=0.1))
     guard.on_fit_start(_fitting(_adamw(fused=True)), _Module("cpu"))
     assert guard.check_every_n_steps == 5
     # What happens when the optimizer cannot skip the step over the run's parameters (FSDP2's

@@ -135,16 +135,16 @@ class NonFiniteGuard(L.Callback):
                         "the host every step")
             self.check_every_n_steps = 1
 
-    def check_optimizer(self, build_factory, strategy=None) -> None:
+    def check_optimizer(self, optimizer_factory, strategy=None) -> None:
         """Before the run starts (`lmlab.train` calls it once the Trainer is built, before data
         or model): policy=skip with `check_every_n_steps` > 1 needs an optimizer that skips a
-        step on the device (`skips_on_device`). `build_factory()` gives the run's optimizer
-        factory (already through `lmlab.optim.probe.check_optimizer`, which names a bad field),
-        tried on a throwaway parameter. DeepSpeed strategies check the gradients themselves."""
+        step on the device (`skips_on_device`). `optimizer_factory` is the run's (already
+        through `lmlab.optim.probe.check_optimizer`, which names a bad field), tried on a
+        throwaway parameter. DeepSpeed strategies check the gradients themselves."""
         n = self.requested_check_every
         if self.policy != "skip" or n is None or n <= 1 or isinstance(strategy, DeepSpeedStrategy):
             return
-        probe = build_factory()([torch.nn.Parameter(torch.zeros(1))])
+        probe = optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
         if not skips_on_device(probe):
             raise ConfigError("callbacks.nonfinite.check_every_n_steps", n, "null or 1", (
                 "policy=skip reads the flag every step unless the optimizer skips a step on the "
