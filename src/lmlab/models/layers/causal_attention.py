@@ -11,8 +11,9 @@ forward's probabilities instead of recomputing them: 19-25 ms for the same layer
 compiled (an autograd Function: torch.compile traces it without a graph break).
 
 `applies` says when: a training call (gradients wanted) on the CPU in fp32/fp64 without
-autocast (bf16 runs keep SDPA, whose reduced-precision handling stays the reference), causal
-with no mask, no dropout, and 128 <= T <= 1024. Below, one block skips nothing. Above, the
+autocast (bf16 runs keep SDPA, whose reduced-precision handling stays the reference, except on
+a CPU without bf16 GEMMs, where `lmlab.precision` makes SDPA's call in fp32 and so passes it
+here), causal with no mask, no dropout, and 128 <= T <= 1024. Below, one block skips nothing. Above, the
 saved probabilities (~0.55·B·H·T² floats a layer) cost more memory than the time is worth:
 the bench model's saved activations (6 layers, head_dim 64, B·T = 2048) grow by 16 % at
 T = 256, 43 % at 1024, 79 % at 2048. Whole bench-model steps (6 layers, B·T = 2048, 2
