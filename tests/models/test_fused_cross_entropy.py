@@ -101,14 +101,16 @@ def test_bf16_autocast_matches_the_autocast_reference():
 
 
 @pytest.mark.slow
-def test_compiled_equals_eager():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_compiled_equals_eager(smoothing):
+    """Compiled, each chunk's softmax takes its max/exp/sum form (`_chunk_loss`)."""
     hidden, weight, labels = _inputs()
-    compiled = torch.compile(lambda h, w, y: linear_cross_entropy(h, w, y, IGNORE, 0.1,
+    compiled = torch.compile(lambda h, w, y: linear_cross_entropy(h, w, y, IGNORE, smoothing,
                                                                   chunk_rows_=16),
                              fullgraph=True)
     got, got_grads = _loss_and_grads(lambda: compiled(hidden, weight, labels), hidden, weight)
-    want, want_grads = _loss_and_grads(lambda: _reference(hidden, weight, labels, 0.1), hidden,
-                                       weight)
+    want, want_grads = _loss_and_grads(lambda: _reference(hidden, weight, labels, smoothing),
+                                       hidden, weight)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

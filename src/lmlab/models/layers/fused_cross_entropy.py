@@ -18,6 +18,8 @@ form is traced instead while its logits fit `PLAIN_COMPILED_MAX_LOGIT_BYTES` (se
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,6 +62,37 @@ def _compute_dtype(weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _chunk_loss(logits: Tensor, target: Tensor, label_smoothing: float
+                ) -> tuple[Tensor, Callable[[], Tensor]]:
+    """(each row's loss, a function giving the rows' softmax, which may reuse `logits`'
+    memory). Eager, torch's fused log-softmax plus one exp over it is the fastest form;
+    compiled, inductor fuses the max/exp/sum form into fewer passes with one exp a logit:
+    8.9 against 12.7 ms of CPU time for a 512 x 8192 chunk (2 threads), ~0.7 % of a compiled
+    bench-model step."""
+    smooth = logits.mean(dim=-1) if label_smoothing else None
+    z_t = logits.gather(-1, target).squeeze(-1)  # the target's logit
+    if torch.compiler.is_compiling():
+        top = logits.amax(dim=-1, keepdim=True)
+        exp = (logits - top).exp()
+        total = exp.sum(dim=-1, keepdim=True)
+        lse = (top + total.log()).squeeze(-1)
+        loss = lse - z_t
+
+        def probs() -> Tensor:
+            return exp * total.reciprocal()
+    else:
+        logp = torch.log_softmax(logits, dim=-1)
+        loss = -logp.gather(-1, target).squeeze(-1)
+        lse = z_t + loss  # log p_t = z_t - lse
+
+        def probs() -> Tensor:
+            return logp.exp_()
+    if smooth is not None:
+        # -mean_j log p_j = lse - mean_j z_j: no second pass over the chunk.
+        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - smooth)
+    return loss, probs
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
@@ -85,19 +118,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:end].to(dtype)
             logits = torch.mm(h, w.t(), out=buffer[: end - start]).float()
             target = safe_labels[start:end, None]
-            smooth = logits.mean(dim=-1) if label_smoothing else None
-            logp = torch.log_softmax(logits, dim=-1)
-            loss = -logp.gather(-1, target).squeeze(-1)
-            if smooth is not None:
-                # -mean_j log p_j = lse - mean_j z_j = (z_t - log p_t) - mean_j z_j, with z_t - log
-                # p_t = lse; written through log p so no second pass over the chunk is needed.
-                lse = logits.gather(-1, target).squeeze(-1) + loss
-                loss = (1 - label_smoothing) * loss + label_smoothing * (lse - smooth)
+            loss, probs = _chunk_loss(logits, target, label_smoothing)
             losses[start:end] = loss
             if need_hidden or need_weight:
                 # d(row loss)/d(logits) = softmax - (1 - eps) onehot - eps / V. Ignored rows are
                 # zeroed on the narrow side of each product (h and d(h), d wide, not V wide).
-                grad = logp.exp_()
+                grad = probs()
                 if label_smoothing:
                     grad.sub_(label_smoothing / vocab)
                 grad.scatter_add_(-1, target, grad.new_full(target.shape, label_smoothing - 1.0))
