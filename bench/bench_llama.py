@@ -5,15 +5,15 @@ The lmlab backbone is built, exported with `lmlab.models.hf.export_hf` and loade
 
 - train: tokens/s of a full training step (forward, fp32 cross-entropy, backward, fused AdamW
   on both sides: the default of lmlab and of the HF Trainer) in fp32 and bf16 autocast, both
-  eager (HF with SDPA; lmlab with SDPA, or on a CPU in fp32 its blocked causal training
-  attention, `layers/causal_attention.py`) and both under `torch.compile` (the step's model call; lmlab's
+  eager (HF with SDPA; lmlab with SDPA, or on a CPU in fp32, and in bf16 where the CPU has no
+  bf16 GEMMs, its blocked causal training attention, `layers/causal_attention.py`) and both under `torch.compile` (the step's model call; lmlab's
   `model.compile=true` does the same). lmlab computes its loss with the clm task's
   `causal_lm_loss` (the backbone's fused output layer + cross-entropy), HF the way its users
   call it (`labels=`); the two losses are checked equal first. On a CPU without bf16 GEMM
   kernels the bf16 rows are measured twice: against HF as its users run it (the emulated bf16
   kernel: what lmlab's `lmlab.precision` saves them), and with HF's products under the same
   `lmlab.precision` context as lmlab's ("equal kernels": the model code compared, nothing
-  else), eager and compiled, the rows against HF as run with 1 step a repeat (its emulated bf16
+  else; lmlab's attention code is its blocked one there, HF's SDPA on the fp32 kernel), eager and compiled, the rows against HF as run with 1 step a repeat (its emulated bf16
   step takes ~40-50 s here).
 - generate: greedy decoding with a KV cache, `lmlab.models.generation.generate` vs
   `LlamaForCausalLM.generate` (no early stop), tokens/s of new tokens; the tokens are compared.

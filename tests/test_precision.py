@@ -147,67 +147,6 @@ def test_attention_runs_on_the_fp32_kernel_and_matches_the_bf16_one(mask, autoca
         assert (grad - exact_grad).norm() <= (native_grad - exact_grad).norm() * 1.05
 
 
-CAUSAL_CALLS = {
-    # name: (T, SDPA keyword arguments, gradients wanted, whether the blocked path applies)
-    "training": (128, {"is_causal": True, "enable_gqa": True}, True, True),
-    "short": (64, {"is_causal": True, "enable_gqa": True}, True, False),
-    "no-grad": (128, {"is_causal": True, "enable_gqa": True}, False, False),
-    "scale": (128, {"is_causal": True, "enable_gqa": True, "scale": 0.3}, True, False),
-    "dropout": (128, {"is_causal": True, "enable_gqa": True, "dropout_p": 0.1}, True, False),
-    "no-gqa-flag": (128, {"is_causal": True}, True, False),  # SDPA's shape error, kept
-}
-
-
-@pytest.mark.parametrize("call", sorted(CAUSAL_CALLS))
-@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-operands"])
-def test_causal_training_attention_takes_the_blocked_fp32_path(monkeypatch, call, autocast):
-    """The call SDPA gets in fp32 here is the one an fp32 run sends to the blocked CPU
-    attention: it goes there (and nowhere else), with SDPA's fp32 values on the rounded
-    operands, output rounded to bf16, gradients through the same casts."""
-    from lmlab.models.layers import causal_attention
-
-    T, kwargs, grad, blocked = CAUSAL_CALLS[call]
-    calls = []
-    original = causal_attention.causal_block_attention
-    monkeypatch.setattr(causal_attention, "causal_block_attention",
-                        lambda *a: calls.append(a[0].dtype) or original(*a))
-    gen = torch.Generator().manual_seed(5)
-    base = [torch.randn(2, h, T, 16, generator=gen) for h in (4, 2, 2)]
-    dtype = torch.float32 if autocast else torch.bfloat16
-
-    def attend(emulated: bool):
-        q, k, v = (t.to(dtype).requires_grad_(grad) for t in base)
-        torch.manual_seed(0)  # dropout's keep mask
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast), torch.set_grad_enabled(grad):
-            if emulated:
-                with Bf16MatmulsInFp32():
-                    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
-            else:  # the reference: SDPA's fp32 kernel on the rounded operands, as before
-                with torch.autocast("cpu", enabled=False):
-                    out = F.scaled_dot_product_attention(
-                        *(t.to(torch.bfloat16).float() for t in (q, k, v)), **kwargs
-                    ).to(torch.bfloat16)
-        if not grad:
-            return out, []
-        out.float().square().sum().backward()
-        return out, [t.grad for t in (q, k, v)]
-
-    if call == "no-gqa-flag":
-        for emulated in (False, True):
-            with pytest.raises(RuntimeError):
-                attend(emulated)
-        assert calls == []
-        return
-    ref, ref_grads = attend(False)
-    out, grads = attend(True)
-    assert calls == ([torch.float32] if blocked else [])
-    if call == "dropout":  # SDPA's own dropout stream: a different mask per call
-        return
-    _close(out, ref)
-    for g, ref_g in zip(grads, ref_grads):
-        _close(g, ref_g)
-
-
 def test_out_argument_receives_the_bf16_result():
     x, w, _, _ = _operands(torch.bfloat16)
     out = torch.empty(32, 40, dtype=torch.bfloat16)

@@ -19,10 +19,8 @@ same scalar loop, 5.7x slower than fp32's (8 x 6 heads x 256 x 64, 1 thread: 210
 Here the results are not those of the bf16 kernel up to summation order but slightly more
 precise: that kernel also rounds the attention probabilities to bf16 before multiplying them
 by v; the fp32 one keeps them in fp32, as flash kernels on a GPU keep their softmax statistics.
-Since the call is then an fp32 one, a causal training call that lmlab's blocked CPU attention
-takes in fp32 (`models/layers/causal_attention.py`: GEMMs at full rate, the masked keys skipped)
-goes there instead of to SDPA's fp32 kernel, as it would in an fp32 run: 35 vs 46 ms of CPU time
-per layer forward + backward at the bench model's shape.
+(lmlab's own causal training attention makes the same fp32 computation itself, in blocks, on
+such a CPU: `models/layers/causal_attention.py`; its calls never reach SDPA.)
 Everything else (norms, softmax, the optimizer) keeps its bf16/autocast behaviour.
 
 `use_fp32_matmuls_for_emulated_bf16(trainer)` turns it on for a Lightning run's steps (the
@@ -43,8 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-
-from lmlab.models.layers import causal_attention as causal_blocks
 
 # The matrix products autocast runs in bf16 on CPU (its lower-precision list) that models call,
 # and einsum, whose contractions autocast sends to bf16 `bmm` below the Python level.
@@ -109,20 +105,6 @@ def _attention_inputs(args: tuple, kwargs: dict[str, Any]) -> list[Tensor]:
     return [t for t in found if isinstance(t, Tensor)]
 
 
-def _fp32_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
-                    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                    enable_gqa: bool = False) -> Tensor:
-    """SDPA's contract on the widened (fp32) operands: the blocked causal attention where it
-    applies to an fp32 call, else SDPA itself."""
-    grouped_ok = enable_gqa or query.shape[1] == key.shape[1]
-    if scale is None and grouped_ok and causal_blocks.applies(query, key, is_causal, attn_mask,
-                                                              dropout_p):
-        return causal_blocks.causal_block_attention(query, key, value)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
-                                          dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                          enable_gqa=enable_gqa)
-
-
 class Bf16MatmulsInFp32(TorchFunctionMode):
     """While active, CPU matrix products and SDPA calls that would run in bf16 (under CPU bf16
     autocast, or on bf16 operands) run on the fp32 kernel with bf16-rounded operands and result
@@ -138,7 +120,7 @@ class Bf16MatmulsInFp32(TorchFunctionMode):
         elif func is F.scaled_dot_product_attention:
             tensors = _attention_inputs(args, kwargs)
             if len(tensors) == 3 and _runs_in_bf16(tensors):
-                return _in_fp32(_fp32_attention, args, kwargs)
+                return _in_fp32(func, args, kwargs)
         return func(*args, **kwargs)
 
 

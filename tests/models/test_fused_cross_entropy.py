@@ -114,6 +114,20 @@ def test_compiled_equals_eager(smoothing):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # The traced graph is the max/exp/sum form, not the eager log-softmax.
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.print_readable(print_output=False))
+        return gm.forward
+
+    torch._dynamo.reset()
+    traced = torch.compile(lambda h, w, y: linear_cross_entropy(h, w, y, IGNORE, smoothing,
+                                                                chunk_rows_=16),
+                           backend=record, fullgraph=True)
+    traced(hidden, weight, labels)
+    torch._dynamo.reset()
+    assert "amax" in graphs[0] and "log_softmax" not in graphs[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

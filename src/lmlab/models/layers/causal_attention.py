@@ -11,9 +11,14 @@ forward's probabilities instead of recomputing them: 19-25 ms for the same layer
 compiled (an autograd Function: torch.compile traces it without a graph break).
 
 `applies` says when: a training call (gradients wanted) on the CPU in fp32/fp64 without
-autocast (bf16 runs keep SDPA, whose reduced-precision handling stays the reference, except on
-a CPU without bf16 GEMMs, where `lmlab.precision` makes SDPA's call in fp32 and so passes it
-here), causal with no mask, no dropout, and 128 <= T <= 1024. Below, one block skips nothing. Above, the
+autocast, causal with no mask, no dropout, and 128 <= T <= 1024. bf16 keeps SDPA, whose
+reduced-precision handling stays the reference, except on a CPU without bf16 GEMM kernels:
+there SDPA's bf16 backward multiplies on a scalar loop, and `lmlab.precision` sends SDPA to its
+fp32 kernel on the bf16-rounded q, k, v anyway, output rounded to bf16. The same computation
+here (bf16 q, k, v widened, exactly; fp32 blocks; the output rounded to bf16) takes 35 instead
+of 46 ms of CPU time per layer forward + backward at the bench model's shape. Its saved fp32
+probabilities then sit beside bf16 activations, so the relative memory growth is about twice
+the fp32 figures below. Below, one block skips nothing. Above, the
 saved probabilities (~0.55·B·H·T² floats a layer) cost more memory than the time is worth:
 the bench model's saved activations (6 layers, head_dim 64, B·T = 2048) grow by 16 % at
 T = 256, 43 % at 1024, 79 % at 2048. Whole bench-model steps (6 layers, B·T = 2048, 2
@@ -32,6 +37,10 @@ from torch import Tensor
 from lmlab.models.layers.biased_attention import FULL_PRECISION, ROWS_PER_BLOCK
 
 MIN_T, MAX_T = 128, 1024
+# Read once, at import: whether this CPU multiplies bf16 on a real kernel (oneDNN's AVX512-BF16
+# or AMX) or emulates it (see `lmlab.precision`).
+CPU_BF16_EMULATED = not (torch.backends.mkldnn.is_available()
+                         and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def applies(q: Tensor, k: Tensor, is_causal: bool, attn_mask: Tensor | None,
@@ -39,17 +48,25 @@ def applies(q: Tensor, k: Tensor, is_causal: bool, attn_mask: Tensor | None,
     """Whether `causal_block_attention` should replace SDPA for this call (shapes and flags
     only, never tensor values, so torch.compile can trace the decision)."""
     T = q.shape[-2]
+    full_precision = q.dtype in FULL_PRECISION and not torch.is_autocast_enabled("cpu")
+    emulated_bf16 = q.dtype == torch.bfloat16 and CPU_BF16_EMULATED
     return (is_causal and attn_mask is None and dropout_p == 0.0
-            and q.device.type == "cpu" and q.dtype in FULL_PRECISION
-            and not torch.is_autocast_enabled("cpu")
+            and q.device.type == "cpu" and (full_precision or emulated_bf16)
+            and k.dtype == q.dtype
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
             and MIN_T <= T <= MAX_T and k.shape[-2] == T and q.shape[1] % k.shape[1] == 0)
 
 
 def causal_block_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / √d + causal mask) v; q [B, H, T, D], k and v [B, H_kv, T, D] with
-    H a multiple of H_kv (query head h uses KV head h // (H / H_kv), as SDPA's enable_gqa)."""
-    return CausalBlockAttention.apply(q, k, v)
+    H a multiple of H_kv (query head h uses KV head h // (H / H_kv), as SDPA's enable_gqa).
+    bf16 inputs are computed in fp32 and the output rounded to bf16 (module docstring)."""
+    if q.dtype != torch.bfloat16:
+        return CausalBlockAttention.apply(q, k, v)
+    # Autocast off: its bf16 products would round the probabilities (and, on this CPU, run on
+    # the scalar loop this path avoids).
+    with torch.autocast("cpu", enabled=False):
+        return CausalBlockAttention.apply(q.float(), k.float(), v.float()).to(torch.bfloat16)
 
 
 def _blocks(T: int) -> list[tuple[int, int]]:
@@ -95,6 +112,13 @@ class CausalBlockAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # A backward called inside autocast (PyTorch advises against it) still multiplies in
+        # the forward's precision.
+        with torch.autocast("cpu", enabled=False):
+            return CausalBlockAttention._backward(ctx, d_out)
+
+    @staticmethod
+    def _backward(ctx, d_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v, out, *probs = ctx.saved_tensors
         B, H, T, D = q.shape
         Hk, group, scale, queries, keys, values = _grouped(q, k, v)
