@@ -20,7 +20,7 @@ Here the results are not those of the bf16 kernel up to summation order but slig
 precise: that kernel also rounds the attention probabilities to bf16 before multiplying them
 by v; the fp32 one keeps them in fp32, as flash kernels on a GPU keep their softmax statistics.
 (lmlab's own causal training attention makes the same fp32 computation itself, in blocks, on
-such a CPU: `models/layers/causal_attention.py`; its calls never reach SDPA.)
+such a CPU: `models/layers/causal_attention.py`; those calls never reach SDPA.)
 Everything else (norms, softmax, the optimizer) keeps its bf16/autocast behaviour.
 
 `use_fp32_matmuls_for_emulated_bf16(trainer)` turns it on for a Lightning run's steps (the
@@ -122,6 +122,29 @@ class Bf16MatmulsInFp32(TorchFunctionMode):
             if len(tensors) == 3 and _runs_in_bf16(tensors):
                 return _in_fp32(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+def _recompute_contexts() -> tuple[contextlib.AbstractContextManager,
+                                   contextlib.AbstractContextManager]:
+    from torch.overrides import _get_current_function_mode_stack
+
+    emulating = any(isinstance(m, Bf16MatmulsInFp32) for m in _get_current_function_mode_stack())
+    return contextlib.nullcontext(), Bf16MatmulsInFp32() if emulating else contextlib.nullcontext()
+
+
+def checkpoint_layer(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)` whose
+    recompute runs under `Bf16MatmulsInFp32` when the forward did. torch restores the forward's
+    autocast state for the recompute but not its torch-function modes (backward runs outside
+    the step's forward context), and without the mode the recompute saves bf16 tensors where
+    the forward saved fp32 ones: torch's check stops the run ("Recomputed values ... have
+    different metadata"). Under torch.compile the recompute is the traced graph, mode and all,
+    and compile accepts no such `context_fn`, so there it is the plain call."""
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.compiler.is_compiling():
+        kwargs.setdefault("context_fn", _recompute_contexts)
+    return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
 def emulated_bf16(precision: str, device: torch.device | str) -> bool:

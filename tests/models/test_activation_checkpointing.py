@@ -111,3 +111,43 @@ def test_hf_backbone_uses_hf_gradient_checkpointing(tiny_hf_dir):
     assert plain.keys() == checkpointed.keys()
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("name", ["gqa", "t5", "hf"])
+def test_emulated_bf16_is_recomputed_under_the_emulation(name, request):
+    """bf16 on a CPU without bf16 GEMMs (`lmlab.precision.Bf16MatmulsInFp32`, entered by the
+    step's forward context only): backward's recompute runs under the mode too (else it saves
+    bf16 tensors where the forward saved fp32 ones and torch stops the run), and the gradients
+    are the plain run's."""
+    from lmlab.precision import Bf16MatmulsInFp32
+
+    def grads(checkpointing):
+        if name == "hf":
+            from lmlab.models.hf_backbone import HFBackbone
+
+            model = HFBackbone(ModelConfig(activation_checkpointing=checkpointing),
+                               path=request.getfixturevalue("tiny_hf_dir")).train()
+        else:
+            model = _model(name, checkpointing)
+        torch.manual_seed(123)
+        with torch.autocast("cpu", torch.bfloat16), Bf16MatmulsInFp32():
+            loss = _loss(model)
+        loss.backward()  # outside the mode, as Lightning's backward is
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_layers_trace_without_a_context_fn():
+    """Under torch.compile the recompute is the traced graph; compile refuses a `context_fn`
+    that is not selective checkpointing's, so `checkpoint_layer` passes none there."""
+    model = _model("gqa", checkpointing=True)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.manual_seed(123)
+    _loss(compiled).backward()
+    torch._dynamo.reset()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -40,7 +40,7 @@ def test_values_and_gradients_match_sdpa(heads, kv_heads, T):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_used_only_for_full_precision_causal_cpu_training_at_its_lengths():
+def test_used_only_for_causal_cpu_training_at_its_lengths():
     q = torch.zeros(1, 4, 256, 8, requires_grad=True)
     k = torch.zeros(1, 2, 256, 8, requires_grad=True)
     assert applies(q, k, True, None, 0.0)
@@ -140,10 +140,11 @@ def _bf16_decoder() -> torch.nn.Module:
                                       position="rope", bias=False, max_seq_len=256))
 
 
-@pytest.mark.skipif(not CPU_BF16_EMULATED, reason="this CPU has bf16 GEMM kernels: bf16 keeps SDPA")
 def test_an_emulated_bf16_step_takes_the_blocks_and_equals_the_sdpa_step(monkeypatch):
     """A decoder step under bf16 autocast and `lmlab.precision`'s emulation, as a Lightning
-    bf16-mixed run on this CPU makes it: the blocks in every layer, the SDPA step's values."""
+    bf16-mixed run on a CPU without bf16 GEMMs makes it (posed as one on any CPU): the blocks
+    in every layer, the SDPA step's values."""
+    monkeypatch.setattr(causal_attention, "CPU_BF16_EMULATED", True)
     ids = torch.randint(0, 64, (2, 160), generator=torch.Generator().manual_seed(1))
     calls = []
     original = causal_attention.causal_block_attention
@@ -170,9 +171,15 @@ def test_an_emulated_bf16_step_takes_the_blocks_and_equals_the_sdpa_step(monkeyp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_compiled_step_traces_the_blocks(precision):
+def test_compiled_step_traces_the_blocks(precision, monkeypatch):
     """`model.compile=true`: dynamo traces the decision, the Function and its autocast-free
-    backward without a graph break, and the compiled step keeps the eager values."""
+    backward without a graph break, the compiled step takes the blocks in every layer and
+    keeps the eager values."""
+    monkeypatch.setattr(causal_attention, "CPU_BF16_EMULATED", True)
+    calls = []
+    original = causal_attention.causal_block_attention
+    monkeypatch.setattr(causal_attention, "causal_block_attention",
+                        lambda *a: calls.append(a[0].dtype) or original(*a))
     ids = torch.randint(0, 64, (2, 160), generator=torch.Generator().manual_seed(2))
     bf16 = precision == "bf16"
     results = []
@@ -184,6 +191,9 @@ def test_compiled_step_traces_the_blocks(precision):
             loss = module(ids).float().square().mean()
         loss.backward()
         results.append((loss.detach(), [p.grad for p in model.parameters()]))
+        # Each layer's call, traced or eager, in the attention's input dtype.
+        assert calls == [torch.bfloat16 if bf16 else torch.float32] * 2
+        calls.clear()
     torch._dynamo.reset()
     (loss, grads), (compiled_loss, compiled_grads) = results
     tolerance = 4 * BF16_ULP if bf16 else 1e-5

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lmlab.models.backbone import Backbone, init_weights
 from lmlab.models.cache import KVCache, LayerKVCache, LayerSSMCache
@@ -22,6 +21,7 @@ from lmlab.models.layers.mask import build_attention_mask, sliding_window_mask
 from lmlab.models.layers.norm import build_norm
 from lmlab.models.positions import PositionScheme, real_token_positions
 from lmlab.models.soft_prompt import prepend_soft_prompt
+from lmlab.precision import checkpoint_layer
 
 
 class DecoderBlock(nn.Module):
@@ -178,7 +178,7 @@ class DecoderLM(Backbone, PositionScheme):
 
         if self.config.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled():
             for layer in self.layers:  # non-reentrant: see TransformerStack.forward
-                h = checkpoint(layer, h, attn_mask, rotary, None, token_mask, use_reentrant=False)
+                h = checkpoint_layer(layer, h, attn_mask, rotary, None, token_mask)
         else:
             for i, layer in enumerate(self.layers):
                 h = layer(h, attn_mask, rotary, cache.layers[i] if cache is not None else None,

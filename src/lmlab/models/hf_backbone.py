@@ -26,6 +26,7 @@ from lmlab.errors import ConfigError
 from lmlab.models.config import ModelConfig
 from lmlab.models.hf.files import TOKENIZER_FILE, model_directory, read_config
 from lmlab.models.hf.vocab import LMLAB_SPECIALS, vocab_layout
+from lmlab.precision import checkpoint_layer
 
 _ATTN_IMPLS = {"sdpa": "sdpa", "eager": "eager"}
 
@@ -99,6 +100,11 @@ class HFBackbone(nn.Module):
                 self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if "value" not in inspect.signature(self.hf._set_gradient_checkpointing).parameters:
+                # The function HF's layers call: lmlab's re-enters the CPU bf16 emulation in the
+                # recompute (`lmlab.precision.checkpoint_layer`), which HF's kwargs cannot say.
+                self.hf._set_gradient_checkpointing(enable=True,
+                                                    gradient_checkpointing_func=checkpoint_layer)
         # Heads built on top (classify's pooling head) read the width from the config.
         config.d_model = self.hf.get_input_embeddings().embedding_dim
         self._takes_positions = "position_ids" in inspect.signature(self.hf.forward).parameters

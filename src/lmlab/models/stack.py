@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lmlab.models.cache import KVCache
 from lmlab.models.config import ModelConfig
@@ -19,6 +18,7 @@ from lmlab.models.layers.mask import build_attention_mask, sliding_window_mask
 from lmlab.models.layers.norm import build_norm
 from lmlab.models.positions import PositionScheme, real_token_positions
 from lmlab.models.transformer_layer import TransformerLayer
+from lmlab.precision import checkpoint_layer
 
 
 class TransformerStack(PositionScheme):
@@ -89,9 +89,9 @@ class TransformerStack(PositionScheme):
             # inside a layer, not returned) still get gradients; dropout masks are replayed
             # from the saved RNG state, so gradients equal the plain path's.
             for i, layer in enumerate(self.layers):
-                h = checkpoint(layer, h, attn_mask, rotary, None,
-                               memory_kv[i] if memory_kv is not None else None, cross_mask, token_mask,
-                               use_reentrant=False)
+                h = checkpoint_layer(layer, h, attn_mask, rotary, None,
+                                     memory_kv[i] if memory_kv is not None else None, cross_mask,
+                                     token_mask)
         else:
             for i, layer in enumerate(self.layers):
                 h = layer(

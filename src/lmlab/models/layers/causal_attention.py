@@ -16,9 +16,11 @@ reduced-precision handling stays the reference, except on a CPU without bf16 GEM
 there SDPA's bf16 backward multiplies on a scalar loop, and `lmlab.precision` sends SDPA to its
 fp32 kernel on the bf16-rounded q, k, v anyway, output rounded to bf16. The same computation
 here (bf16 q, k, v widened, exactly; fp32 blocks; the output rounded to bf16) takes 35 instead
-of 46 ms of CPU time per layer forward + backward at the bench model's shape. Its saved fp32
-probabilities then sit beside bf16 activations, so the relative memory growth is about twice
-the fp32 figures below. Below, one block skips nothing. Above, the
+of 46 ms of CPU time per layer forward + backward at the bench model's shape. It applies with or
+without that emulation (a model called under plain bf16 autocast, or with bf16 weights, gets it
+too: faster than the bf16 kernel here, and more precise). Its saved fp32 probabilities (and fp32
+q, k, v and output) then sit beside bf16 activations, so the relative memory growth is about
+twice the fp32 figures that follow. Below T = 128, one block skips nothing. Above 1024, the
 saved probabilities (~0.55·B·H·T² floats a layer) cost more memory than the time is worth:
 the bench model's saved activations (6 layers, head_dim 64, B·T = 2048) grow by 16 % at
 T = 256, 43 % at 1024, 79 % at 2048. Whole bench-model steps (6 layers, B·T = 2048, 2
@@ -35,12 +37,12 @@ from torch import Tensor
 
 # The learned-bias path's block size (64 measured fastest at T = 256) and precisions.
 from lmlab.models.layers.biased_attention import FULL_PRECISION, ROWS_PER_BLOCK
+from lmlab.precision import native_bf16_matmul
 
 MIN_T, MAX_T = 128, 1024
-# Read once, at import: whether this CPU multiplies bf16 on a real kernel (oneDNN's AVX512-BF16
-# or AMX) or emulates it (see `lmlab.precision`).
-CPU_BF16_EMULATED = not (torch.backends.mkldnn.is_available()
-                         and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+# Read once, at import (a constant to torch.compile): whether this CPU multiplies bf16 on a real
+# kernel (oneDNN's AVX512-BF16 or AMX) or emulates it (see `lmlab.precision`).
+CPU_BF16_EMULATED = not native_bf16_matmul("cpu")
 
 
 def applies(q: Tensor, k: Tensor, is_causal: bool, attn_mask: Tensor | None,
