@@ -19,10 +19,8 @@ from lmlab.precision import (
     use_fp32_matmuls_for_emulated_bf16,
 )
 from lmlab.tasks.clm import causal_lm_loss
+from tests.bf16_close import BF16_ULP, assert_bf16_close
 
-# One bf16 rounding step (8 significant bits): the two results may differ by it where the fp32
-# sums, accumulated in another order, straddle a rounding boundary.
-BF16_ULP = 2.0 ** -7
 GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
          torch.ops.aten.baddbmm.default}
 
@@ -38,12 +36,6 @@ class GemmDtypes(TorchDispatchMode):
         if func in GEMMS:
             self.dtypes.update(a.dtype for a in args if isinstance(a, torch.Tensor))
         return func(*args, **(kwargs or {}))
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype
-    scale = b.float().abs().max().clamp_min(1e-6)
-    assert ((a.float() - b.float()).abs().max() / scale).item() <= 2 * BF16_ULP
 
 
 PRODUCTS = {
@@ -84,10 +76,10 @@ def test_values_and_gradients_match_the_bf16_kernel(name, autocast):
         results[fp32_kernel] = (out, [o.grad for o in operands if o.grad is not None], recorder)
     (ref, ref_grads, ref_gemms), (out, grads, gemms) = results[False], results[True]
     assert out.dtype == torch.bfloat16
-    _close(out, ref)
+    assert_bf16_close(out, ref)
     assert len(grads) == len(ref_grads) > 0
     for grad, ref_grad in zip(grads, ref_grads):
-        _close(grad, ref_grad)
+        assert_bf16_close(grad, ref_grad)
     assert ref_gemms.dtypes == {torch.bfloat16}
     assert gemms.dtypes == {torch.float32}  # forward and backward on the fp32 kernel
 
@@ -138,7 +130,7 @@ def test_attention_runs_on_the_fp32_kernel_and_matches_the_bf16_one(mask, autoca
     emulated, grads, dtypes = attend("emulated")
     exact, exact_grads, _ = attend("fp32")
     assert native_dtypes == {torch.bfloat16} and dtypes == {torch.float32}
-    _close(emulated, native)
+    assert_bf16_close(emulated, native)
     for grad, native_grad, exact_grad in zip(grads, native_grads, exact_grads):
         scale = exact_grad.abs().max()
         # bf16 inputs and outputs either way: both are within a few bf16 steps of fp32 ...
@@ -153,7 +145,7 @@ def test_out_argument_receives_the_bf16_result():
     with torch.no_grad(), Bf16MatmulsInFp32():
         returned = torch.mm(x, w.t(), out=out)
     assert returned is out
-    _close(out, torch.mm(x.detach(), w.detach().t()))
+    assert_bf16_close(out, torch.mm(x.detach(), w.detach().t()))
 
 
 def test_other_products_are_left_alone():

@@ -16,8 +16,7 @@ from lmlab.models.layers.causal_attention import (
     causal_block_attention,
 )
 from lmlab.precision import Bf16MatmulsInFp32
-
-BF16_ULP = 2.0 ** -7
+from tests.bf16_close import BF16_ULP, assert_bf16_close
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 6), (6, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
@@ -89,14 +88,6 @@ def test_decoder_step_equals_the_sdpa_step(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def _bf16_close(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Within two bf16 rounding steps of the larger magnitude (fp32 sums in another order may
-    straddle a rounding boundary)."""
-    assert a.dtype == b.dtype
-    scale = b.float().abs().max().clamp_min(1e-6)
-    assert ((a.float() - b.float()).abs().max() / scale).item() <= 2 * BF16_ULP
-
-
 @pytest.mark.parametrize("operands", ["autocast", "bf16"])
 def test_bf16_is_sdpa_in_fp32_on_the_rounded_operands(operands):
     """What `lmlab.precision` makes of a bf16 SDPA call on a CPU without bf16 GEMMs: the same
@@ -122,9 +113,9 @@ def test_bf16_is_sdpa_in_fp32_on_the_rounded_operands(operands):
     out, grads = attend(True)
     reference, reference_grads = attend(False)
     assert out.dtype == torch.bfloat16
-    _bf16_close(out, reference)
+    assert_bf16_close(out, reference)
     for a, b in zip(grads, reference_grads):
-        _bf16_close(a, b)
+        assert_bf16_close(a, b)
     # Backward inside autocast (which PyTorch advises against) multiplies in fp32 all the same.
     leaves = [t.clone().requires_grad_() for t in base]
     with torch.autocast("cpu", torch.bfloat16):
