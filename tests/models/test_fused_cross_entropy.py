@@ -177,7 +177,7 @@ def test_compiled_on_a_gpu_takes_the_plain_form_and_equals_the_chunked_one(reduc
 
 
 def test_chunk_rows_fit_the_device():
-    assert chunk_rows(2048, 8192, torch.device("cpu")) == 512  # 16 MiB of fp32 logits
+    assert chunk_rows(2048, 8192, torch.device("cpu")) == 1024  # 32 MiB of fp32 logits
     assert chunk_rows(10, 8192, torch.device("cpu")) == 10
     assert chunk_rows(100_000, 50304, torch.device("cuda")) % 16 == 0
     assert chunk_rows(100_000, 10**7, torch.device("cpu")) == 16

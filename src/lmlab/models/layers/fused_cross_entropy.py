@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 REDUCTIONS = ("mean", "sum")
-# Rows per chunk: a chunk's fp32 logits should stay in the CPU's cache (a few MiB); a GPU needs
-# large matmuls to be efficient and has the memory bandwidth, so there the chunk is larger. On
-# CPU, 16 MiB (512 rows at V 8192; forward + backward, N 2048, d 384, interleaved medians): the
-# same CPU time as 8 MiB on 1 thread (629 vs 630 ms), slightly less on 2 idle threads (299 vs
-# 306 ms) and much less on 2 threads of a loaded machine (929 vs 1189 ms: half the GEMMs, so half
-# the thread barriers, each a wait for a descheduled thread); 32 MiB was slower on 1 thread.
-CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
+# Rows per chunk: a chunk's fp32 logits should stay near the CPU's cache; a GPU needs large
+# matmuls to be efficient and has the memory bandwidth, so there the chunk is larger. On CPU,
+# 32 MiB (1,024 rows at V 8192): whole bench-model training steps (N 2048, d 384, 2 threads,
+# interleaved, CPU time) took 0.94-0.96x the time of 16 MiB chunks compiled in fp32 (three
+# runs), 0.97-0.98x compiled in bf16 and 0.97x eager in bf16, the same eager in fp32; 1.01x on
+# 1 thread eager. Fewer, larger GEMMs (M 1,024 instead of 512) run closer to the kernel's peak
+# and half the thread barriers; one chunk (64 MiB) was 1.02x slower again (compiled bf16).
+CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 # Compiled on a GPU the plain form is faster (see `linear_cross_entropy`) but holds [N, V]
 # logits: up to this size of fp32 logits (the GPT-2 recipe's 32k x 50304 is 6.1 GiB, and its
