@@ -28,7 +28,7 @@ REDUCTIONS = ("mean", "sum")
 # Rows per chunk: a chunk's fp32 logits should stay near the CPU's cache; a GPU needs large
 # matmuls to be efficient and has the memory bandwidth, so there the chunk is larger. On CPU,
 # 32 MiB (1,024 rows at V 8192): whole bench-model training steps (N 2048, d 384, 2 threads,
-# interleaved, CPU time) took 0.94-0.96x the time of 16 MiB chunks compiled in fp32 (three
+# interleaved, CPU time) took 0.91-0.96x the time of 16 MiB chunks compiled in fp32 (three
 # runs), 0.97-0.98x compiled in bf16 and 0.97x eager in bf16, the same eager in fp32; 1.01x on
 # 1 thread eager. Fewer, larger GEMMs (M 1,024 instead of 512) run closer to the kernel's peak
 # and half the thread barriers; one chunk (64 MiB) was 1.02x slower again (compiled bf16).
