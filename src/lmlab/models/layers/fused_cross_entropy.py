@@ -4,8 +4,8 @@
 writes them again for log-softmax, keeps them for backward, then fills a zero gradient of the
 same size and runs log-softmax backward over it: at N = 2048, V = 8192 that is ~64 MB passed
 through memory about six times per step, more than the matmuls' own traffic. Here the rows go
-through in chunks small enough to stay in cache; each chunk's logits are turned into the loss
-and, in the same pass, into d(loss)/d(logits) (softmax minus the smoothed one-hot), which is
+through in chunks (`CHUNK_BYTES` of fp32 logits each); each chunk's logits are turned into the
+loss and, in the same pass, into d(loss)/d(logits) (softmax minus the smoothed one-hot), which is
 immediately multiplied into d(hidden) and accumulated into d(weight). Backward only scales
 those by the incoming gradient (Liger-Kernel's fused linear cross-entropy, in plain PyTorch so
 it runs on every device and under `torch.compile`).
@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 REDUCTIONS = ("mean", "sum")
-# Rows per chunk: a chunk's fp32 logits should stay near the CPU's cache; a GPU needs large
-# matmuls to be efficient and has the memory bandwidth, so there the chunk is larger. On CPU,
-# 32 MiB (1,024 rows at V 8192): whole bench-model training steps (N 2048, d 384, 2 threads,
-# interleaved, CPU time) took 0.91-0.96x the time of 16 MiB chunks compiled in fp32 (three
-# runs), 0.97-0.98x compiled in bf16 and 0.97x eager in bf16, the same eager in fp32; 1.01x on
-# 1 thread eager. Fewer, larger GEMMs (M 1,024 instead of 512) run closer to the kernel's peak
-# and half the thread barriers; one chunk (64 MiB) was 1.02x slower again (compiled bf16).
+# Rows per chunk: smaller chunks keep the logits in a nearer cache but make smaller, less
+# efficient GEMMs with more thread barriers; a GPU needs large matmuls to be efficient and has
+# the memory bandwidth, so there the chunk is larger. On CPU, 32 MiB (1,024 rows at V 8192):
+# whole bench-model training steps (N 2048, d 384, 2 threads, interleaved, CPU time) took
+# 0.91-0.96x the time of 16 MiB chunks compiled in fp32 (three runs), 0.97-0.98x compiled in
+# bf16 and 0.97x eager in bf16, the same eager in fp32; 1.01x on 1 thread eager. One chunk
+# (64 MiB) was 1.02x slower again (compiled bf16).
 CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 # Compiled on a GPU the plain form is faster (see `linear_cross_entropy`) but holds [N, V]
