@@ -6,10 +6,12 @@ outputs are checked equal, then training tokens/s (fp32, eager, fused AdamW on b
 are compared, each side computing its loss the way its users do:
 
 - bert: the mlm task's step (backbone, without the attention mask for this batch without
-  padding as the task calls it, MLM head on the 15% chosen positions only, fp32
-  cross-entropy) vs `BertForMaskedLM(input_ids, attention_mask, labels=...)`, which runs its
-  head on every position. A second row gives HF's head the same chosen positions (`hf.cls`
-  on the gathered hidden states): the same work on both sides, the model code compared.
+  padding as the task calls it, its last layer computing only the 15% chosen positions after
+  attention (`output_rows`), MLM head on those positions only, fp32 cross-entropy) vs
+  `BertForMaskedLM(input_ids, attention_mask, labels=...)`, which runs its last layer and head
+  on every position. A second row does the same work on both sides, the model code compared:
+  lmlab's last layer on every position too, HF's head on the same chosen positions (`hf.cls`
+  on the gathered hidden states).
 - t5: the seq2seq task's step (the fused output layer + loss over the real vocabulary) vs
   `T5ForConditionalGeneration(input_ids, attention_mask, decoder_input_ids, labels)`.
 Tokens are input positions: all of them for bert, source + target for t5 (S = T = seq_len).
@@ -98,15 +100,20 @@ def bert_rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
                       "bert")
     chosen = torch.rand(ids.shape, device=device) < 0.15
     labels = torch.where(chosen, ids, -100)
+    rows = chosen.flatten().nonzero().squeeze(1)  # the task gets them from its host-side masking
+    targets = ids.flatten()[rows]
 
     # As the mlm task calls its backbone: a batch without padding goes without the all-ones
     # mask (decided on the host); HF drops such a mask itself (no mask reaches its SDPA).
     lmlab_mask = None if bool(mask.all()) else mask
 
     def lmlab_step():
-        hidden = lmlab(ids, lmlab_mask)
-        logits = lmlab.mlm_logits(hidden[chosen])
-        return F.cross_entropy(logits[:, : size.vocab].float(), ids[chosen])
+        logits = lmlab.mlm_logits(lmlab(ids, lmlab_mask, output_rows=rows))
+        return F.cross_entropy(logits[:, : size.vocab].float(), targets)
+
+    def lmlab_every_position_step():
+        logits = lmlab.mlm_logits(lmlab(ids, lmlab_mask).flatten(0, 1)[rows])
+        return F.cross_entropy(logits[:, : size.vocab].float(), targets)
 
     def hf_step():
         return hf(ids, attention_mask=mask, labels=labels).loss
@@ -119,15 +126,16 @@ def bert_rows(size: Size, device: torch.device | str = "cpu") -> list[Row]:
     # both models: Adam makes their float rounding differences grow).
     start = [copy.deepcopy(m.state_dict()) for m in (lmlab, hf)]
     as_run = _compare(size, "bert vs BertForMaskedLM", lmlab, hf, lmlab_step, hf_step,
-                      size.tokens, diff, device, "; lmlab's MLM head on the 15 % masked "
-                      "positions (the mlm task), HF's on every position (BertForMaskedLM with "
-                      "labels=)")
+                      size.tokens, diff, device, "; lmlab's last layer after attention and "
+                      "MLM head on the 15 % masked positions (the mlm task), HF's on every "
+                      "position (BertForMaskedLM with labels=)")
     for model, state in zip((lmlab, hf), start, strict=True):
         model.load_state_dict(state)
-    return [as_run, _compare(size, "bert vs BertForMaskedLM", lmlab, hf, lmlab_step,
-                             hf_same_positions_step, size.tokens, diff, device,
-                             "; same work: HF's head on the same masked positions (hf.cls on "
-                             "the gathered states)")]
+    return [as_run, _compare(size, "bert vs BertForMaskedLM", lmlab, hf,
+                             lmlab_every_position_step, hf_same_positions_step, size.tokens,
+                             diff, device, "; same work: lmlab's last layer on every position "
+                             "too, HF's head on the same masked positions (hf.cls on the "
+                             "gathered states)")]
 
 
 def t5_row(size: Size, device: torch.device | str = "cpu") -> Row:

@@ -212,20 +212,27 @@ class TrainingFlops:
     batch shape: `batch(B, T)` for decoders/encoders, `batch(B, T, S)` for encoder-decoders
     (T target, S source positions). Padded positions count (the hardware computes them).
 
-    `head_fraction` scales the output layer (the share of positions a task runs it on). The
-    weights' trainability is read once, at construction (after PEFT). `forward_only`: the
-    forward pass alone (a distillation teacher's).
+    `head_fraction` scales the output layer (the share of positions a task runs it on), and
+    the modules named in `row_modules` or under them (the last encoder layer after its
+    attention under mlm: `TransformerStack.output_row_modules`). The weights' trainability is
+    read once, at construction (after PEFT). `forward_only`: the forward pass alone (a
+    distillation teacher's).
     """
 
     def __init__(self, config: ModelConfig, backbone: nn.Module, head_fraction: float = 1.0,
-                 forward_only: bool = False):
+                 forward_only: bool = False, row_modules: Iterable[str] = ()):
         self.config = config
         self._kind = "forward" if forward_only else "forward_backward"
         self.backbone = backbone
         self._hf = bool(getattr(config, "hf_path", None))
         matmul = matmul_weights(backbone, None if self._hf else config)
-        self.matmul = {k: (m._replace(weights=m.weights * head_fraction)
-                           if _HEAD_MODULES & set(k.split(".")) else m)
+        rows = tuple(row_modules)
+
+        def on_rows(name: str) -> bool:
+            return (bool(_HEAD_MODULES & set(name.split(".")))
+                    or any(name == r or name.startswith(r + ".") for r in rows))
+
+        self.matmul = {k: (m._replace(weights=m.weights * head_fraction) if on_rows(k) else m)
                        for k, m in matmul.items()}
         # Prompt tuning's soft prompt adds positions in front of each (source) sequence, prefix
         # tuning keys to every self-attention layer: computed, so counted.

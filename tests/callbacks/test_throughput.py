@@ -520,3 +520,20 @@ def test_checkpoint_saves_and_validation_are_not_training_time(monkeypatch, save
     # The save's step is logged either way, its window without the save's 100 s.
     assert logged == [(3, pytest.approx(16.0)), (6, pytest.approx(16.0))]
     assert monitor._warmup.batches == 1 and monitor._warmup.seconds == pytest.approx(1.0)
+
+
+def test_mlm_counts_the_last_layer_on_the_masked_rows_only():
+    # The mlm task's step: the last encoder layer after attention and the head run on the
+    # chosen rows only (`output_rows`); the count scales those modules by the rows' share.
+    config = ModelConfig(**{**TINY, "family": "encoder", "n_layers": 3})
+    torch.manual_seed(0)
+    model = build_backbone(config)
+    B, T = 4, 40
+    rows = torch.arange(0, B * T, 5)  # a 20 % share
+    with FlopCounterMode(display=False) as counter:
+        ids = torch.randint(0, config.vocab_size, (B, T))
+        model.mlm_logits(model(ids, output_rows=rows)).float().square().mean().backward()
+    assert model.output_row_modules() == ("encoder.layers.2.attn.o_proj", "encoder.layers.2.ffn")
+    flops = TrainingFlops(config, model, head_fraction=rows.numel() / (B * T),
+                          row_modules=model.output_row_modules()).batch(B, T)
+    assert flops == pytest.approx(counter.get_total_flops(), rel=1e-3)

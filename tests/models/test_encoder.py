@@ -201,3 +201,67 @@ def test_no_mask_equals_an_all_ones_mask(case):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _rows_and_full(model, ids, mask, rows):
+    """(the states at `rows` computed with output_rows, the same rows of the full output),
+    and both their parameter gradients for a loss on those rows."""
+    outs, grads = [], []
+    for call in (lambda: model(ids, mask, output_rows=rows),
+                 lambda: model(ids, mask).flatten(0, 1)[rows]):
+        out = call()
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads.append(torch.autograd.grad(out.square().sum(), params, allow_unused=True))
+        outs.append(out.detach())
+    return outs, grads
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(norm_position="post"),
+    dict(norm_position="pre", position="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=2),
+    dict(position="relative", dropout=0.0),
+    dict(ffn="moe", n_experts=4, top_k=2),  # the last layer computes every row (selects_rows)
+    dict(activation_checkpointing=True),
+], ids=["post-ln", "pre-ln-rope-gqa", "relative", "moe", "checkpointing"])
+def test_output_rows_equal_those_rows_of_the_full_output(overrides):
+    # mlm asks for the masked positions' states only: the last layer computes just those rows
+    # after its attention, with the same values and gradients as the full output's rows.
+    model = _encoder(**overrides).double().train()
+    ids, mask = _right_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]], 7)
+    rows = torch.tensor([0, 3, 6, 8, 9, 14, 18])  # rows of the flattened [3 x 7] positions
+    (part, full), (g_part, g_full) = _rows_and_full(model, ids.clone(), mask, rows)
+    assert part.shape == (len(rows), model.config.d_model)
+    torch.testing.assert_close(part, full, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_part, g_full, strict=True):
+        if a is None or b is None:  # MoE: an expert no chosen token reached
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    expected = ("encoder.layers.1.attn.o_proj", "encoder.layers.1.ffn")
+    assert model.output_row_modules() == (() if "moe" in str(overrides) else expected)
+
+
+def test_output_rows_with_a_soft_prompt_and_under_lora():
+    from lmlab.peft.lora import LoRA
+    from lmlab.peft.prompt import PromptTuning
+
+    ids, mask = _right_pad([[5, 6, 7, 8], [9, 10]], 4)
+    rows = torch.tensor([1, 2, 5])
+    for method in (PromptTuning(n_virtual_tokens=3, init="random"),
+                   LoRA(target_modules=["o_proj", "up_proj"])):
+        model = method.apply(_encoder().double().train())
+        (part, full), (g_part, g_full) = _rows_and_full(model, ids, mask, rows)
+        torch.testing.assert_close(part, full, rtol=1e-10, atol=1e-12)
+        for a, b in zip(g_part, g_full, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        # A soft prompt's states are computed in full and the rows taken after; LoRA's
+        # adapted last layer still computes the rows only.
+        assert bool(model.output_row_modules()) == isinstance(method, LoRA)
+
+
+def test_a_layer_that_cannot_select_rows_says_so():
+    from lmlab.models.transformer_layer import TransformerLayer
+
+    layer = TransformerLayer(ModelConfig(**TINY, ffn="moe", n_experts=2, top_k=1), causal=False)
+    with pytest.raises(ValueError, match="output_rows"):
+        layer(torch.randn(1, 3, 32), output_rows=torch.tensor([0]))

@@ -125,7 +125,14 @@ def test_a_batch_without_padding_runs_without_an_attention_mask(text_dm):
     task.log = lambda *a, **k: None
     passed = []
     backbone_call = task.run_backbone
-    task.run_backbone = lambda ids, mask: passed.append(mask) or backbone_call(ids, mask)
+    rows_passed = []
+
+    def run_backbone(ids, mask, **kwargs):
+        passed.append(mask)
+        rows_passed.append(kwargs.get("output_rows"))
+        return backbone_call(ids, mask, **kwargs)
+
+    task.run_backbone = run_backbone
     batch = next(iter(text_dm.train_dataloader()))
     padded = {**batch, "attention_mask": batch["attention_mask"].clone()}
     padded["attention_mask"][0, -5:] = 0
@@ -136,6 +143,8 @@ def test_a_batch_without_padding_runs_without_an_attention_mask(text_dm):
         assert out["mlm_unpadded"] is unpadded
         losses.append(task.training_step(out, 0))
         assert (passed[-1] is None) if unpadded else (passed[-1] is given["attention_mask"])
+        # the last layer computes the masked positions only
+        assert rows_passed[-1] is out["mlm_positions"]
     # the same loss as the masked call (the masks' values changed nothing for unpadded rows)
     with torch.no_grad():
         out = task.on_before_batch_transfer(dict(batch), 0)

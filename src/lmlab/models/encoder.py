@@ -55,18 +55,32 @@ class EncoderModel(Backbone):
     def reset_parameters(self) -> None:
         init_weights(self, self.config.init_std, [(self.encoder, self.encoder.n_residual_writes)])
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    # `forward(..., output_rows=)`: the task can ask for some positions' states only.
+    accepts_output_rows = True
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                output_rows: Tensor | None = None) -> Tensor:
+        """output_rows: [N] indices into the B·T input positions (row-major): returns [N,
+        d_model], those positions' states, the last layer computing only them after its
+        attention (`TransformerStack.forward`)."""
         h = self.embed_tokens(input_ids)
         if self.soft_prompt is None:
-            return self.encoder(h, attention_mask)
+            return self.encoder(h, attention_mask, output_rows=output_rows)
         # The virtual tokens' states are dropped: heads see the input's positions only.
         h, attention_mask, take_input_positions = prepend_soft_prompt(self.soft_prompt, h,
                                                                       attention_mask)
-        return take_input_positions(self.encoder(h, attention_mask))
+        hidden = take_input_positions(self.encoder(h, attention_mask))
+        return hidden if output_rows is None else hidden.flatten(0, 1).index_select(0, output_rows)
 
     def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Same as `forward`: the name every backbone shares for pooling heads."""
         return self(input_ids, attention_mask)
+
+    def output_row_modules(self) -> tuple[str, ...]:
+        """Modules that run on `output_rows` only when they are given (FLOPs accounting)."""
+        if self.soft_prompt is not None:
+            return ()
+        return tuple(f"encoder.{name}" for name in self.encoder.output_row_modules())
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         """hidden [B, T, d_model] (or any [..., d_model]) -> logits [..., padded_vocab_size].

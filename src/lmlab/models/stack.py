@@ -54,6 +54,7 @@ class TransformerStack(PositionScheme):
         cache: KVCache | None = None,
         memory_kv: list[tuple[Tensor, Tensor]] | None = None,
         memory_mask: Tensor | None = None,
+        output_rows: Tensor | None = None,
     ) -> Tensor:
         """h: token embeddings [B, T, d_model] -> hidden states [B, T, d_model].
 
@@ -61,6 +62,11 @@ class TransformerStack(PositionScheme):
         cache: the self-attention KV cache (causal stacks), extended by T positions.
         memory_kv: per layer, the cross-attention keys/values from `project_memory`.
         memory_mask: [B, S_src], 1 for real source tokens; None = no source padding.
+        output_rows: [N] indices into the B·T positions (row-major): returns [N, d_model],
+            the states of those positions only. The last layer then computes only them after
+            its attention (`TransformerLayer.selects_rows`): mlm needs the ~15 % masked
+            positions' states, and the last layer's FFN and output projection are ~1/8 of a
+            6-layer encoder's work.
         """
         B, T, _ = h.shape
         past = cache.length if cache is not None else 0
@@ -84,6 +90,9 @@ class TransformerStack(PositionScheme):
         cross_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
         token_mask = attention_mask[:, past:] if attention_mask is not None else None
 
+        last = len(self.layers) - 1
+        rows_in_last = (output_rows is not None and cache is None and last >= 0
+                        and self.layers[last].selects_rows)
         if self.config.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled():
             # Recompute each layer in backward. Non-reentrant: MoE auxiliary losses (computed
             # inside a layer, not returned) still get gradients; dropout masks are replayed
@@ -91,7 +100,7 @@ class TransformerStack(PositionScheme):
             for i, layer in enumerate(self.layers):
                 h = checkpoint_layer(layer, h, attn_mask, rotary, None,
                                      memory_kv[i] if memory_kv is not None else None, cross_mask,
-                                     token_mask)
+                                     token_mask, output_rows if rows_in_last and i == last else None)
         else:
             for i, layer in enumerate(self.layers):
                 h = layer(
@@ -100,10 +109,21 @@ class TransformerStack(PositionScheme):
                     memory_kv=memory_kv[i] if memory_kv is not None else None,
                     memory_mask=cross_mask,
                     token_mask=token_mask,
+                    output_rows=output_rows if rows_in_last and i == last else None,
                 )
         if cache is not None:
             cache.advance(T)
+        if output_rows is not None and not rows_in_last:
+            h = h.flatten(0, 1).index_select(0, output_rows)
         return h if self.post_norm else self.norm(h)
+
+    def output_row_modules(self) -> tuple[str, ...]:
+        """Names (relative to the stack) of the modules that run on `output_rows` only when
+        they are given: the last layer's output projection and FFN (FLOPs accounting)."""
+        last = len(self.layers) - 1
+        if last < 0 or not self.layers[last].selects_rows:
+            return ()
+        return (f"layers.{last}.attn.o_proj", f"layers.{last}.ffn")
 
     def project_memory(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Cross-attention keys/values of every layer, computed once per source batch."""

@@ -21,7 +21,7 @@ from lmlab.models.cache import LayerKVCache
 from lmlab.models.config import ModelConfig
 from lmlab.models.layers.attention import MultiHeadAttention
 from lmlab.models.layers.cross_attention import CrossAttention
-from lmlab.models.layers.ffn import build_ffn
+from lmlab.models.layers.ffn import FeedForward, build_ffn
 from lmlab.models.layers.norm import build_norm
 
 
@@ -52,10 +52,22 @@ class TransformerLayer(nn.Module):
             self.ffn_norm = build_norm(config.norm, d, config.norm_eps)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def _sublayer(self, x: Tensor, norm: nn.Module, f: Callable[[Tensor], Tensor]) -> Tensor:
+    def _sublayer(self, x: Tensor, norm: nn.Module, f: Callable[[Tensor], Tensor],
+                  residual: Tensor | None = None) -> Tensor:
+        """`residual` (default `x`): what f's output is added to, when f returns other rows
+        than it reads (`output_rows`)."""
+        residual = x if residual is None else residual
         if self.post_norm:
-            return norm(x + self.resid_dropout(f(x)))
-        return x + self.resid_dropout(f(norm(x)))
+            return norm(residual + self.resid_dropout(f(x)))
+        return residual + self.resid_dropout(f(norm(x)))
+
+    @property
+    def selects_rows(self) -> bool:
+        """Whether `forward(..., output_rows=)` computes only those rows after attention: a
+        self-attention layer with a dense FFN or none. A mixture of experts would route, drop
+        (capacity) and balance a different set of tokens, and cross-attention layers are never
+        the last of an encoder: they compute every position."""
+        return self.cross_attn is None and (self.ffn is None or isinstance(self.ffn, FeedForward))
 
     def forward(
         self,
@@ -66,9 +78,24 @@ class TransformerLayer(nn.Module):
         memory_kv: tuple[Tensor, Tensor] | None = None,
         memory_mask: Tensor | None = None,
         token_mask: Tensor | None = None,
+        output_rows: Tensor | None = None,
     ) -> Tensor:
         """x [B, T, d_model]; memory_kv from `cross_attn.project_memory` (decoder layers);
-        token_mask [B, T], 1 for real tokens, keeps pads out of MoE routing."""
+        token_mask [B, T], 1 for real tokens, keeps pads out of MoE routing.
+
+        output_rows: [N] indices into the B·T positions (row-major): returns [N, d_model], those
+        positions' outputs only. Keys and values still come from every position; the output
+        projection, residual, norms and FFN run on the N rows alone (`selects_rows` layers).
+        """
+        if output_rows is not None:
+            if not self.selects_rows or kv_cache is not None:
+                raise ValueError("output_rows needs a layer without cross-attention, KV cache or "
+                                 "mixture of experts (see TransformerLayer.selects_rows)")
+            x = self._sublayer(x, self.attn_norm,
+                               lambda y: self.attn(y, attn_mask, rotary, output_rows=output_rows),
+                               residual=x.flatten(0, 1).index_select(0, output_rows))
+            # A dense FFN is position-wise: the rows need no token mask.
+            return x if self.ffn is None else self._sublayer(x, self.ffn_norm, self.ffn)
         x = self._sublayer(x, self.attn_norm, lambda y: self.attn(y, attn_mask, rotary, kv_cache))
         if self.cross_attn is not None:
             if memory_kv is None:

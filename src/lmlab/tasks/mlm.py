@@ -65,7 +65,8 @@ class MaskedLMTask(LMTask):
             raise ConfigError("tokenizer.vocab_size", tokenizer.vocab_size,
                               reason="mlm needs ordinary tokens besides the specials to replace with")
         self.mask_prob = mask_prob
-        # The MLM head runs on the chosen positions only (ThroughputMonitor's FLOPs).
+        # The MLM head (and the last layer after its attention, `flops_row_modules`) runs on
+        # the chosen positions only (ThroughputMonitor's FLOPs).
         self.flops_head_fraction = mask_prob
         self.mask_token_prob = mask_token_prob
         self.random_token_prob = random_token_prob
@@ -94,11 +95,23 @@ class MaskedLMTask(LMTask):
         return None if batch.get("mlm_unpadded") else batch.get("attention_mask")
 
     def _logits_at(self, masked_ids: Tensor, attention_mask: Tensor | None, positions: Tensor) -> Tensor:
-        hidden = self.run_backbone(masked_ids, attention_mask)
+        if getattr(self.backbone, "accepts_output_rows", False):
+            # The last layer computes only these positions after its attention.
+            hidden = self.run_backbone(masked_ids, attention_mask, output_rows=positions)
+        else:
+            hidden = self.run_backbone(masked_ids, attention_mask).flatten(0, 1)[positions]
         # A 2-d [n, d_model] input: indexing a leading dim of 1 back out ([None] ... [0]) would
         # cost a zero-filled [1, n, vocab] gradient and a copy into it every step.
-        logits = self.backbone.mlm_logits(hidden.flatten(0, 1)[positions])
+        logits = self.backbone.mlm_logits(hidden)
         return logits[:, : self.tokenizer.vocab_size].float()
+
+    @property
+    def flops_row_modules(self) -> tuple[str, ...]:
+        """Backbone modules that run on the masked positions only (`flops_head_fraction`
+        of them), as the output layer does (ThroughputMonitor's FLOPs)."""
+        if not getattr(self.backbone, "accepts_output_rows", False):
+            return ()
+        return self.backbone.output_row_modules()
 
     def train_generator(self, step: int, batch_idx: int) -> torch.Generator:
         """The masks of training step `step`'s batch `batch_idx`: reproducible on resume."""

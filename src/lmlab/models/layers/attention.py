@@ -157,13 +157,16 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
         kv_cache: LayerKVCache | None = None,
+        output_rows: Tensor | None = None,
     ) -> Tensor:
-        """x [B, T, d_model] -> [B, T, d_model].
+        """x [B, T, d_model] -> [B, T, d_model], or [N, d_model] with `output_rows`.
 
         attn_mask: bool (True = attend) or additive float, broadcastable to [B, H, T, S] where
             S = cached + T keys; None = no padding and no bias.
         rotary: (cos, sin) for the T new positions, from `RotaryEmbedding.cos_sin`.
         kv_cache: this layer's cache; new keys/values are appended and all are attended.
+        output_rows: [N] indices into the B·T positions (row-major) whose outputs are wanted:
+            every position still attends as usual, only the output projection runs on these.
         """
         B, T, _ = x.shape
         if self.qkv_proj is not None:
@@ -208,7 +211,10 @@ class MultiHeadAttention(nn.Module):
                 is_causal=is_causal,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        if output_rows is not None:
+            out = out.flatten(0, 1).index_select(0, output_rows)
+        return self.o_proj(out)
 
     def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, n_heads, T, D], k and v [B, n_kv_heads, T, D]."""
