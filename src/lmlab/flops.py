@@ -212,28 +212,32 @@ class TrainingFlops:
     batch shape: `batch(B, T)` for decoders/encoders, `batch(B, T, S)` for encoder-decoders
     (T target, S source positions). Padded positions count (the hardware computes them).
 
-    `head_fraction` scales the output layer (the share of positions a task runs it on), and
-    the modules named in `row_modules` or under them (the last encoder layer after its
-    attention under mlm: `TransformerStack.output_row_modules`). The weights' trainability is
-    read once, at construction (after PEFT). `forward_only`: the forward pass alone (a
-    distillation teacher's).
+    `head_fraction` scales the output layer (the share of positions a task runs it on).
+    `row_modules` (the last encoder layer after its attention: `output_row_modules` of the
+    backbone) run on some positions only too: `rows_per_sequence` of the T of each sequence
+    (task=classify's pooled position), else the same share as the output layer (mlm's masked
+    positions). The weights' trainability is read once, at construction (after PEFT).
+    `forward_only`: the forward pass alone (a distillation teacher's).
     """
 
     def __init__(self, config: ModelConfig, backbone: nn.Module, head_fraction: float = 1.0,
-                 forward_only: bool = False, row_modules: Iterable[str] = ()):
+                 forward_only: bool = False, row_modules: Iterable[str] = (),
+                 rows_per_sequence: int | None = None):
         self.config = config
         self._kind = "forward" if forward_only else "forward_backward"
         self.backbone = backbone
         self._hf = bool(getattr(config, "hf_path", None))
         matmul = matmul_weights(backbone, None if self._hf else config)
-        rows = tuple(row_modules)
-
-        def on_rows(name: str) -> bool:
-            return (bool(_HEAD_MODULES & set(name.split(".")))
-                    or any(name == r or name.startswith(r + ".") for r in rows))
-
-        self.matmul = {k: (m._replace(weights=m.weights * head_fraction) if on_rows(k) else m)
+        self.matmul = {k: (m._replace(weights=m.weights * head_fraction)
+                           if _HEAD_MODULES & set(k.split(".")) else m)
                        for k, m in matmul.items()}
+        rows = tuple(row_modules)
+        forward, backward = matmul_flops(
+            m for k, m in self.matmul.items()
+            if any(k == r or k.startswith(r + ".") for r in rows))
+        # FLOPs per position of the row modules, and the share of positions they run on.
+        self._row_flops = forward + (0.0 if forward_only else backward)
+        self._rows_per_sequence, self._head_fraction = rows_per_sequence, head_fraction
         # Prompt tuning's soft prompt adds positions in front of each (source) sequence, prefix
         # tuning keys to every self-attention layer: computed, so counted.
         self.prompt_positions, self.prefix_keys = virtual_tokens(backbone)
@@ -297,8 +301,15 @@ class TrainingFlops:
                                     shares=self._shares)
                 # The prompt's states leave before the output layer: it runs on the T tokens.
                 self._cache[key] = (sides["target"][self._kind] * T_run
-                                    - self._head_flops() * self.prompt_positions)
+                                    - self._head_flops() * self.prompt_positions
+                                    - self._row_flops * (T_run - self._row_positions(T_run)))
         return B * self._cache[key] + self._per_batch
+
+    def _row_positions(self, T: int) -> float:
+        """Positions of a T-long sequence the row modules run on."""
+        if self._rows_per_sequence is not None:
+            return min(self._rows_per_sequence, T)
+        return self._head_fraction * T
 
     def _head_flops(self) -> float:
         """FLOPs per position of the output layer (head_fraction applied)."""

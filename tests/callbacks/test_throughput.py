@@ -537,3 +537,17 @@ def test_mlm_counts_the_last_layer_on_the_masked_rows_only():
     flops = TrainingFlops(config, model, head_fraction=rows.numel() / (B * T),
                           row_modules=model.output_row_modules()).batch(B, T)
     assert flops == pytest.approx(counter.get_total_flops(), rel=1e-3)
+
+
+def test_classify_counts_the_last_layer_on_the_pooled_position_only():
+    # cls pooling: one position a sequence through the last layer after attention, no LM head.
+    config = ModelConfig(**{**TINY, "family": "encoder", "n_layers": 3})
+    torch.manual_seed(0)
+    model = build_backbone(config)
+    B, T = 4, 40
+    with FlopCounterMode(display=False) as counter:
+        ids = torch.randint(0, config.vocab_size, (B, T))
+        model.hidden(ids, output_rows=torch.arange(B) * T).square().mean().backward()
+    flops = TrainingFlops(config, model, head_fraction=0.0, row_modules=model.output_row_modules(),
+                          rows_per_sequence=1).batch(B, T)
+    assert flops == pytest.approx(counter.get_total_flops(), rel=1e-3)

@@ -22,6 +22,29 @@ def test_pooling_on_a_hand_made_batch():
     assert torch.allclose(pool_hidden(hidden, mask, "mean"), expected_mean)
 
 
+@pytest.mark.parametrize("pooling", ["cls", "last", "mean"])
+def test_an_encoder_computes_the_pooled_position_only(pooling):
+    # cls and last pooling read one position a sequence: the encoder's last layer computes only
+    # it after attention (output_rows), with the logits and gradients of pooling every state.
+    backbone = tiny_backbone("encoder", 60).double()
+    task = ClassificationTask(backbone, None, adamw(), num_classes=3,
+                              pooling=pooling, classifier_dropout=0.0).double()
+    ids = torch.randint(5, 60, (3, 9))
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
+    reference = task.classifier(pool_hidden(backbone.hidden(ids, mask), mask, pooling))
+    logits = task(ids, mask)
+    torch.testing.assert_close(logits, reference.float(), rtol=1e-6, atol=1e-7)
+    params = list(backbone.parameters())
+    got = torch.autograd.grad(task(ids, mask).sum(), params, allow_unused=True)
+    want = torch.autograd.grad(reference.sum(), params, allow_unused=True)
+    for a, b in zip(got, want, strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert bool(task.flops_row_modules) == (pooling != "mean")
+
+
 @pytest.fixture(scope="module")
 def sst2(tmp_path_factory):
     dm = ClassificationDataModule(path=SHARED_DATA / "sst2", tokenizer={"kind": "word", "vocab_size": 2000},

@@ -16,8 +16,9 @@ and summarised over the whole run (`summary()`, written to `metrics.json` under
   (`TrainingFlops`: attention included, MoE at its active experts, encoder and decoder
   tokens for seq2seq, frozen weights without weight gradients under PEFT, prompt and prefix
   tuning's virtual tokens; the task's `flops_head_fraction` scales the output layer, e.g.
-  mlm runs it on masked positions only, and the modules its `flops_row_modules` names, e.g.
-  the last encoder layer after attention under mlm; a distillation teacher's forward is added).
+  mlm runs it on masked positions only, and the modules its `flops_row_modules` names, the
+  last encoder layer after attention under mlm (at the head's share) and classify (at
+  `flops_rows_per_sequence`, the pooled position); a distillation teacher's forward is added).
   Activation recomputation is not counted (MFU, not hardware FLOPs utilisation).
 - MFU = achieved / (peak × devices), the peak from `peak_flops.PEAK_TFLOPS` for the GPU and
   the trainer's precision, or `peak_tflops` (per device) for anything else; null with a note
@@ -139,8 +140,10 @@ class ThroughputMonitor(L.Callback):
         config = getattr(backbone, "config", None)
         if config is not None:
             head = float(getattr(pl_module, "flops_head_fraction", 1.0))
-            self._flops = TrainingFlops(config, backbone, head_fraction=head,
-                                        row_modules=getattr(pl_module, "flops_row_modules", ()))
+            self._flops = TrainingFlops(
+                config, backbone, head_fraction=head,
+                row_modules=getattr(pl_module, "flops_row_modules", ()),
+                rows_per_sequence=getattr(pl_module, "flops_rows_per_sequence", None))
         # task=distill: the frozen teacher's forward on every batch is computed too.
         teacher = getattr(pl_module, "teacher", None)
         teacher_config = getattr(teacher, "config", None)

@@ -72,9 +72,10 @@ class EncoderModel(Backbone):
         hidden = take_input_positions(self.encoder(h, attention_mask))
         return hidden if output_rows is None else hidden.flatten(0, 1).index_select(0, output_rows)
 
-    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+               output_rows: Tensor | None = None) -> Tensor:
         """Same as `forward`: the name every backbone shares for pooling heads."""
-        return self(input_ids, attention_mask)
+        return self(input_ids, attention_mask, output_rows)
 
     def output_row_modules(self) -> tuple[str, ...]:
         """Modules that run on `output_rows` only when they are given (FLOPs accounting)."""

@@ -90,9 +90,41 @@ class ClassificationTask(LMTask):
         # A causal decoder's real tokens never see the right padding, so it needs no mask
         # (which keeps attention on the fused causal path); an encoder must mask the pads.
         mask = attention_mask if self.family != "decoder" else None
-        hidden = self.step_backbone().hidden(input_ids, mask)  # compiled in training under model.compile
-        pooled = pool_hidden(hidden, attention_mask, self.pooling)
+        backbone = self.step_backbone()  # compiled in training under model.compile
+        rows = self._pooled_rows(attention_mask)
+        if rows is not None:
+            # One position a sequence is pooled: the last layer computes only it after its
+            # attention.
+            pooled = backbone.hidden(input_ids, mask, output_rows=rows)
+        else:
+            pooled = pool_hidden(backbone.hidden(input_ids, mask), attention_mask, self.pooling)
         return self.classifier(self.classifier_dropout(pooled)).float()
+
+    def _pooled_rows(self, attention_mask: Tensor) -> Tensor | None:
+        """For cls and last pooling on a backbone with `output_rows`, the pooled position of
+        each sequence as an index into the B·T positions (`pool_hidden`'s, computed on the
+        device: no host read); None otherwise (mean pooling reads every position)."""
+        if self.pooling not in ("cls", "last") or not self._selects_rows:
+            return None
+        B, T = attention_mask.shape
+        rows = torch.arange(B, device=attention_mask.device) * T
+        if self.pooling == "last":
+            rows = rows + attention_mask.long().sum(1).clamp_min(1) - 1
+        return rows
+
+    @property
+    def _selects_rows(self) -> bool:
+        return getattr(self.backbone, "accepts_output_rows", False)
+
+    @property
+    def flops_row_modules(self) -> tuple[str, ...]:
+        """Backbone modules that run on the pooled position only (ThroughputMonitor's FLOPs)."""
+        if self.pooling not in ("cls", "last") or not self._selects_rows:
+            return ()
+        return self.backbone.output_row_modules()
+
+    # One pooled position a sequence (with `flops_row_modules`).
+    flops_rows_per_sequence = 1
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
