@@ -65,8 +65,8 @@ class TransformerLayer(nn.Module):
     def selects_rows(self) -> bool:
         """Whether `forward(..., output_rows=)` computes only those rows after attention: a
         self-attention layer with a dense FFN or none. A mixture of experts would route, drop
-        (capacity) and balance a different set of tokens, and cross-attention layers are never
-        the last of an encoder: they compute every position."""
+        (capacity) and balance a different set of tokens; a decoder layer's cross-attention
+        (encoder-decoders) is left as it is."""
         return self.cross_attn is None and (self.ffn is None or isinstance(self.ffn, FeedForward))
 
     def forward(

@@ -104,7 +104,7 @@ class ClassificationTask(LMTask):
         """For cls and last pooling on a backbone with `output_rows`, the pooled position of
         each sequence as an index into the B·T positions (`pool_hidden`'s, computed on the
         device: no host read); None otherwise (mean pooling reads every position)."""
-        if self.pooling not in ("cls", "last") or not self._selects_rows:
+        if not self._pools_one_row:
             return None
         B, T = attention_mask.shape
         rows = torch.arange(B, device=attention_mask.device) * T
@@ -113,15 +113,13 @@ class ClassificationTask(LMTask):
         return rows
 
     @property
-    def _selects_rows(self) -> bool:
-        return getattr(self.backbone, "accepts_output_rows", False)
+    def _pools_one_row(self) -> bool:
+        return self.pooling in ("cls", "last") and getattr(self.backbone, "accepts_output_rows", False)
 
     @property
     def flops_row_modules(self) -> tuple[str, ...]:
         """Backbone modules that run on the pooled position only (ThroughputMonitor's FLOPs)."""
-        if self.pooling not in ("cls", "last") or not self._selects_rows:
-            return ()
-        return self.backbone.output_row_modules()
+        return self.backbone.output_row_modules() if self._pools_one_row else ()
 
     # One pooled position a sequence (with `flops_row_modules`).
     flops_rows_per_sequence = 1
