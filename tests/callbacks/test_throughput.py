@@ -539,9 +539,11 @@ def test_mlm_counts_the_last_layer_on_the_masked_rows_only():
     assert flops == pytest.approx(counter.get_total_flops(), rel=1e-3)
 
 
-def test_classify_counts_the_last_layer_on_the_pooled_position_only():
-    # cls pooling: one position a sequence through the last layer after attention, no LM head.
-    config = ModelConfig(**{**TINY, "family": "encoder", "n_layers": 3})
+@pytest.mark.parametrize("family", ["encoder", "decoder"])
+def test_classify_counts_the_last_layer_on_the_pooled_position_only(family):
+    # cls/last pooling: one position a sequence through the last layer after attention, no LM
+    # head.
+    config = ModelConfig(**{**TINY, "family": family, "n_layers": 3})
     torch.manual_seed(0)
     model = build_backbone(config)
     B, T = 4, 40

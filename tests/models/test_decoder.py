@@ -83,3 +83,37 @@ def test_training_step_is_finite_with_padding_and_dropout(make_model, position):
 def test_attention_mask_shape_is_checked(make_model):
     with pytest.raises(ValueError, match="attention_mask"):
         make_model()(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 5))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(n_kv_heads=2, ffn="swiglu", norm="rmsnorm", position="rope", bias=False),
+    dict(layer_pattern="MA"),  # attention last: it selects its rows
+    dict(layer_pattern="AM"),  # a Mamba layer last: every row, taken after
+    dict(ffn="moe", n_experts=4, top_k=2),  # every row, taken after (selects_rows)
+    dict(activation_checkpointing=True),
+], ids=["gpt", "gqa", "hybrid-attention-last", "hybrid-mamba-last", "moe", "checkpointing"])
+def test_output_rows_equal_those_rows_of_the_full_output(make_model, overrides):
+    # task=classify's last-token pooling on a decoder asks for one position a sequence: the
+    # last layer computes only it after attention, with the values and gradients of the full
+    # output's rows.
+    model = make_model(**overrides).double().train()
+    ids = torch.randint(5, model.config.vocab_size, (3, 12))
+    rows = torch.tensor([11, 12 + 5, 24 + 8])
+    outs, grads = [], []
+    for call in (lambda: model.hidden(ids, output_rows=rows),
+                 lambda: model.hidden(ids).flatten(0, 1)[rows]):
+        out = call()
+        params = list(model.parameters())
+        grads.append(torch.autograd.grad(out.square().sum(), params, allow_unused=True))
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+    for a, b in zip(*grads, strict=True):
+        if a is None or b is None:  # MoE: an expert no token of these rows reached
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    last = model.config.n_layers - 1
+    selects = "moe" not in str(overrides) and "AM" not in str(overrides)
+    assert model.output_row_modules() == (
+        (f"layers.{last}.attn.o_proj", f"layers.{last}.ffn") if selects else ())

@@ -22,16 +22,20 @@ def test_pooling_on_a_hand_made_batch():
     assert torch.allclose(pool_hidden(hidden, mask, "mean"), expected_mean)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "last", "mean"])
-def test_an_encoder_computes_the_pooled_position_only(pooling):
-    # cls and last pooling read one position a sequence: the encoder's last layer computes only
-    # it after attention (output_rows), with the logits and gradients of pooling every state.
-    backbone = tiny_backbone("encoder", 60).double()
+@pytest.mark.parametrize("family,pooling", [("encoder", "cls"), ("encoder", "last"),
+                                            ("encoder", "mean"), ("decoder", "last"),
+                                            ("decoder", "mean")])
+def test_the_backbone_computes_the_pooled_position_only(family, pooling):
+    # cls and last pooling read one position a sequence: the backbone's last layer computes
+    # only it after attention (output_rows), with the logits and gradients of pooling every
+    # state.
+    backbone = tiny_backbone(family, 60).double()
     task = ClassificationTask(backbone, None, adamw(), num_classes=3,
                               pooling=pooling, classifier_dropout=0.0).double()
     ids = torch.randint(5, 60, (3, 9))
     mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
-    reference = task.classifier(pool_hidden(backbone.hidden(ids, mask), mask, pooling))
+    states = backbone.hidden(ids, mask if family == "encoder" else None)
+    reference = task.classifier(pool_hidden(states, mask, pooling))
     logits = task(ids, mask)
     torch.testing.assert_close(logits, reference.float(), rtol=1e-6, atol=1e-7)
     params = list(backbone.parameters())

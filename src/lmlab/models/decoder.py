@@ -14,7 +14,7 @@ from lmlab.models.backbone import Backbone, init_weights
 from lmlab.models.cache import KVCache, LayerKVCache, LayerSSMCache
 from lmlab.models.config import ModelConfig
 from lmlab.models.layers.attention import MultiHeadAttention
-from lmlab.models.layers.ffn import build_ffn
+from lmlab.models.layers.ffn import FeedForward, build_ffn
 from lmlab.models.layers.fused_cross_entropy import head_cross_entropy
 from lmlab.models.layers.mamba import MambaMixer
 from lmlab.models.layers.mask import build_attention_mask, sliding_window_mask
@@ -58,6 +58,13 @@ class DecoderBlock(nn.Module):
         self.ffn = ffn
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    @property
+    def selects_rows(self) -> bool:
+        """Whether `forward(..., output_rows=)` computes only those rows after the token mixer:
+        attention (a Mamba scan's output projection is left as it is) with a dense FFN or none
+        (a mixture of experts would route, drop and balance a different set of tokens)."""
+        return self.mixer_kind != "mamba" and (self.ffn is None or isinstance(self.ffn, FeedForward))
+
     def forward(
         self,
         x: Tensor,
@@ -65,9 +72,19 @@ class DecoderBlock(nn.Module):
         rotary: tuple[Tensor, Tensor] | None = None,
         kv_cache: LayerKVCache | LayerSSMCache | None = None,
         token_mask: Tensor | None = None,
+        output_rows: Tensor | None = None,
     ) -> Tensor:
         """kv_cache: this layer's slot of the model's cache (K/V or Mamba state).
-        token_mask: [B, T], 1 for real tokens; Mamba and MoE keep pads out of their state."""
+        token_mask: [B, T], 1 for real tokens; Mamba and MoE keep pads out of their state.
+        output_rows: [N] indices into the B·T positions (row-major): returns [N, d_model], the
+        output projection, residual and FFN computed on those rows only (`selects_rows`)."""
+        if output_rows is not None:
+            if not self.selects_rows or kv_cache is not None:
+                raise ValueError("output_rows needs an attention layer with a dense FFN or none "
+                                 "and no KV cache (see DecoderBlock.selects_rows)")
+            x = (x.flatten(0, 1).index_select(0, output_rows) + self.resid_dropout(
+                self.attn(self.attn_norm(x), attn_mask, rotary, output_rows=output_rows)))
+            return x if self.ffn is None else x + self.resid_dropout(self.ffn(self.ffn_norm(x)))
         if self.mixer_kind == "mamba":
             mixed = self.mamba(self.mamba_norm(x), token_mask, kv_cache)
         else:
@@ -111,8 +128,10 @@ class DecoderLM(Backbone, PositionScheme):
             if isinstance(module, MambaMixer):
                 module.reset_ssm_parameters()
 
-    # Tasks may pass `labels` to `forward` and get the loss (see there).
+    # Tasks may pass `labels` to `forward` and get the loss (see there), and `output_rows` to
+    # `forward`/`hidden` for some positions' states only (task=classify's last-token pooling).
     accepts_labels = True
+    accepts_output_rows = True
 
     def forward(
         self,
@@ -123,8 +142,10 @@ class DecoderLM(Backbone, PositionScheme):
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
         reduction: str = "mean",
+        output_rows: Tensor | None = None,
     ) -> Tensor:
-        """input_ids [B, T] -> logits [B, T, padded_vocab_size]; arguments as in `hidden`.
+        """input_ids [B, T] -> logits [B, T, padded_vocab_size]; arguments as in `hidden`
+        (with `output_rows`, logits [N, padded_vocab_size] and `labels` [N]).
 
         With `labels` [B, T] (already shifted: position t predicts labels[t]), the fp32
         cross-entropy instead (`reduction` "mean" over non-ignored labels, or "sum"), computed
@@ -133,7 +154,7 @@ class DecoderLM(Backbone, PositionScheme):
         faster: see `linear_cross_entropy`). Going through `forward` keeps module hooks (FSDP, DDP) and
         `torch.compile` of the backbone covering the loss too.
         """
-        hidden = self.hidden(input_ids, attention_mask, cache)
+        hidden = self.hidden(input_ids, attention_mask, cache, output_rows)
         if labels is None:
             return self.lm_head(hidden)
         return head_cross_entropy(hidden, self.lm_head, labels, ignore_index, label_smoothing,
@@ -144,6 +165,7 @@ class DecoderLM(Backbone, PositionScheme):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         cache: KVCache | None = None,
+        output_rows: Tensor | None = None,
     ) -> Tensor:
         """input_ids [B, T] -> final-normed hidden states [B, T, d_model] (lm_head's input).
 
@@ -151,6 +173,9 @@ class DecoderLM(Backbone, PositionScheme):
             Pass None when nothing is padded: that keeps attention on the fused causal path.
             With a `soft_prompt` neither `past` nor the mask count the prompt; the model adds it.
         cache: a `new_cache(...)` object; the new keys/values are appended to it.
+        output_rows: [N] indices into the B·T input positions (row-major): returns [N, d_model],
+            those positions' states, the last layer computing only them after its attention
+            (`DecoderBlock.selects_rows`; else every row, taken after).
         """
         h = self.embed_tokens(input_ids)
         take_input_positions = None  # set when prompt tuning inserts virtual tokens into h
@@ -176,18 +201,31 @@ class DecoderLM(Backbone, PositionScheme):
                                          device=input_ids.device, window_mask=window)
         token_mask = attention_mask[:, past:] if attention_mask is not None else None
 
+        last = len(self.layers) - 1
+        rows_in_last = (output_rows is not None and cache is None and take_input_positions is None
+                        and self.layers[last].selects_rows)
         if self.config.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled():
-            for layer in self.layers:  # non-reentrant: see TransformerStack.forward
-                h = checkpoint_layer(layer, h, attn_mask, rotary, None, token_mask)
+            for i, layer in enumerate(self.layers):  # non-reentrant: see TransformerStack.forward
+                h = checkpoint_layer(layer, h, attn_mask, rotary, None, token_mask,
+                                     output_rows if rows_in_last and i == last else None)
         else:
             for i, layer in enumerate(self.layers):
                 h = layer(h, attn_mask, rotary, cache.layers[i] if cache is not None else None,
-                          token_mask)
+                          token_mask, output_rows if rows_in_last and i == last else None)
         if cache is not None:
             cache.advance(T)
         if take_input_positions is not None:
             h = take_input_positions(h)
+        if output_rows is not None and not rows_in_last:
+            h = h.flatten(0, 1).index_select(0, output_rows)
         return self.norm(h)
+
+    def output_row_modules(self) -> tuple[str, ...]:
+        """Modules that run on `output_rows` only when they are given (FLOPs accounting)."""
+        last = len(self.layers) - 1
+        if self.soft_prompt is not None or not self.layers[last].selects_rows:
+            return ()
+        return (f"layers.{last}.attn.o_proj", f"layers.{last}.ffn")
 
     def new_cache(
         self,
