@@ -63,6 +63,11 @@ def native_bf16_matmul(device: torch.device | str) -> bool:
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+# Read once, at import (a constant to torch.compile): whether this CPU multiplies bf16 on a real
+# kernel (oneDNN's AVX512-BF16 or AMX) or would emulate it.
+CPU_BF16_EMULATED = not native_bf16_matmul("cpu")
+
+
 def _tensors(args: Any, kwargs: dict[str, Any]) -> list[Tensor]:
     found = [a for a in args if isinstance(a, Tensor)]
     return found + [v for k, v in kwargs.items() if k != "out" and isinstance(v, Tensor)]

@@ -4,6 +4,8 @@ autocast, torch.compile, tied embeddings, and adapted heads (which take the plai
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,6 +100,33 @@ def test_bf16_autocast_matches_the_autocast_reference():
     for got, want in zip(fused_grads, ref_grads):
         assert got.dtype == want.dtype == torch.float32
         assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_emulated_bf16_products_widen_once_and_equal_the_emulation(monkeypatch, smoothing):
+    """On a CPU without bf16 GEMMs the chunks compute their bf16 products on fp32 operands
+    rounded once: the loss equals `Bf16MatmulsInFp32`'s call-by-call emulation, the gradients
+    differ only by the bf16 rounding of each chunk's products that the emulation adds; the
+    same with or without that mode active."""
+    from lmlab.models.layers import fused_cross_entropy
+    from lmlab.precision import Bf16MatmulsInFp32
+
+    hidden, weight, labels = _inputs(n_rows=3 * 40, d=32, vocab=256)
+
+    def run(widen: bool, mode: bool):
+        monkeypatch.setattr(fused_cross_entropy, "CPU_BF16_EMULATED", widen)
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                (Bf16MatmulsInFp32() if mode else contextlib.nullcontext()):
+            return _loss_and_grads(lambda: linear_cross_entropy(
+                hidden, weight, labels, IGNORE, smoothing, chunk_rows_=32), hidden, weight)
+
+    want, want_grads = run(widen=False, mode=True)
+    for mode in (True, False):
+        got, got_grads = run(widen=True, mode=mode)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for a, b in zip(got_grads, want_grads):
+            assert a.dtype == b.dtype
+            assert (a - b).abs().max() <= 0.01 * b.abs().max()
 
 
 @pytest.mark.slow

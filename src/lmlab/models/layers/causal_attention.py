@@ -37,12 +37,9 @@ from torch import Tensor
 
 # The learned-bias path's block size (64 measured fastest at T = 256) and precisions.
 from lmlab.models.layers.biased_attention import FULL_PRECISION, ROWS_PER_BLOCK
-from lmlab.precision import native_bf16_matmul
+from lmlab.precision import CPU_BF16_EMULATED
 
 MIN_T, MAX_T = 128, 1024
-# Read once, at import (a constant to torch.compile): whether this CPU multiplies bf16 on a real
-# kernel (oneDNN's AVX512-BF16 or AMX) or emulates it (see `lmlab.precision`).
-CPU_BF16_EMULATED = not native_bf16_matmul("cpu")
 
 
 def applies(q: Tensor, k: Tensor, is_causal: bool, attn_mask: Tensor | None,
