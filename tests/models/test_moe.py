@@ -68,13 +68,15 @@ def test_top_k_routing_equals_per_token_loop(top_k, kind):
 
 @pytest.mark.parametrize(("router", "capacity_factor"), [
     ("topk", None), ("topk", 1.0), ("topk", 0.5), ("expert_choice", 1.0), ("expert_choice", 0.5)])
-@pytest.mark.parametrize("buffers", [False, True], ids=["gather", "buffers"])
-def test_masked_tokens_are_not_routed_and_do_not_change_the_others(router, capacity_factor, buffers):
+@pytest.mark.parametrize("gpu_dispatch", [False, True], ids=["gather", "gpu-dispatch"])
+def test_masked_tokens_are_not_routed_and_do_not_change_the_others(router, capacity_factor,
+                                                                   gpu_dispatch):
     # 8 positions, 5 real: a capacity counts the real tokens (factor 1, top-2, 4 experts: 3,
     # where all 8 positions would give 4), so the padded batch routes as the real tokens alone.
-    # With buffers (a GPU's dispatch) that count stays on the device.
+    # With a GPU's dispatch (buffers, or grouped GEMMs without a capacity) that count stays on
+    # the device.
     layer = _moe(top_k=2, router=router, capacity_factor=capacity_factor)
-    layer.buffers_on_cpu = buffers
+    layer.gpu_dispatch_on_cpu = gpu_dispatch
     x = torch.randn(1, 8, 16)
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
     out = layer(x, mask)
@@ -107,6 +109,108 @@ def test_capacity_buffers_equal_the_per_expert_gather(router, capacity_factor):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_grouped_gemms_equal_the_per_expert_gather(kind, bias, top_k):
+    # Dropless routing dispatched both ways, with masked tokens (they join the last group with
+    # a zero gate): the same outputs and gradients for the input and every expert parameter.
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 24, kind, n_experts=4, top_k=top_k, bias=bias).train()
+    torch.nn.init.normal_(layer.router.weight, std=1.0)
+    x = torch.randn(20, 16, requires_grad=True)  # torch's grouped kernel has no float64
+    mask = torch.ones(20, dtype=torch.bool)
+    mask[15:] = False
+    routing = route_top_k(torch.softmax(layer.router(x).float(), dim=-1), top_k, None, mask)[0]
+    assert layer._grouped_experts()
+    results = []
+    for dispatch in (layer._dispatch_grouped, layer._dispatch_gather):
+        out = dispatch(x, routing)
+        grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()],
+                                    retain_graph=True)
+        results.append((out.detach(), *grads))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(results[0][0][15:], torch.zeros(5, 16))
+
+
+def test_grouped_gemms_under_autocast_run_in_its_dtype():
+    layer = _moe(capacity_factor=None).train()
+    layer.gpu_dispatch_on_cpu = True
+    x = torch.randn(2, 6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        want = layer._dispatch_gather(x.view(-1, 16), route_top_k(
+            torch.softmax(layer.router(x.view(-1, 16)).float(), dim=-1), 2)[0]).view_as(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capacity_factor", [None, 1.25], ids=["grouped", "buffers"])
+def test_the_gpu_dispatch_compiles_without_a_graph_break(capacity_factor):
+    """fullgraph=True: dropless routing's grouped GEMMs (bf16: the op's shape rule takes bf16
+    only) and a capacity's buffers trace whole, padded batch included."""
+    layer = _moe(capacity_factor=capacity_factor, kind="swiglu").train()
+    layer.gpu_dispatch_on_cpu = True
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+
+    def loss(x, mask):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x, mask)
+        return out.float().square().sum() + layer.last_aux_loss
+
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(loss, fullgraph=True)(x, mask)
+        got_grads = torch.autograd.grad(got, [x, *layer.parameters()])
+    finally:
+        torch._dynamo.reset()
+    want = loss(x, mask)
+    want_grads = torch.autograd.grad(want, [x, *layer.parameters()])
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert (a - b).abs().max() <= 0.05 * b.abs().max() + 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dropless_routing_on_a_gpu_equals_the_gather():
+    """Where torch's grouped bf16 kernel runs (compute capability 9/10) dropless routing takes
+    it, with the gather's outputs and gradients (to bf16 rounding); elsewhere the gather."""
+    from lmlab.models.layers.moe import _grouped_kernel_on
+
+    torch.manual_seed(0)
+    layer = MoEFeedForward(64, 128, "swiglu", n_experts=4, top_k=2).cuda().train()
+    x = torch.randn(256, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert layer._grouped(x) == _grouped_kernel_on(x.device)
+        if not layer._grouped(x):
+            return  # this GPU gathers (the other tests check that path)
+        routing = route_top_k(torch.softmax(layer.router(x).float(), dim=-1), 2)[0]
+        results = []
+        for dispatch in (layer._dispatch_grouped, layer._dispatch_gather):
+            out = dispatch(x, routing)
+            grads = torch.autograd.grad(out.float().square().sum(), [x, *layer.parameters()],
+                                        retain_graph=True)
+            results.append((out.float(), *grads))
+    for a, b in zip(*results, strict=True):
+        assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3
+
+
+def test_adapted_experts_take_the_gather():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    layer = _moe(capacity_factor=None)
+    assert layer._grouped_experts()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["up_proj"]), layer)
+    assert not layer._grouped_experts()
+    layer.gpu_dispatch_on_cpu = True
+    x = torch.randn(2, 6, 16)
+    torch.testing.assert_close(layer(x), _naive_top_k(layer, x.view(-1, 16), 2).view_as(x),
+                               atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(("router", "capacity_factor", "padded"), [
     ("topk", 1.25, False), ("topk", 1.25, True), ("expert_choice", None, False),
     ("expert_choice", 1.0, True)])
@@ -114,7 +218,7 @@ def test_routing_with_a_capacity_never_waits_for_the_device(router, capacity_fac
     from tests.host_syncs import HostSyncs
 
     layer = _moe(router=router, capacity_factor=capacity_factor).train()
-    layer.buffers_on_cpu = True  # the GPU's dispatch (a CPU gathers exactly, where reads are free)
+    layer.gpu_dispatch_on_cpu = True  # the GPU's dispatch (a CPU gathers exactly, where reads are free)
     x = torch.randn(2, 6, 16, requires_grad=True)
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]) if padded else None
     with HostSyncs() as syncs:
@@ -124,13 +228,19 @@ def test_routing_with_a_capacity_never_waits_for_the_device(router, capacity_fac
     assert not syncs.found, syncs.report()
 
 
-def test_dropless_routing_reads_the_counts_once_per_layer():
+def test_dropless_routing_reads_the_counts_once_per_layer_on_a_cpu_only():
     from tests.host_syncs import HostSyncs
 
     layer = _moe(capacity_factor=None).train()
     with HostSyncs() as syncs:
         layer(torch.randn(2, 6, 16, requires_grad=True)).sum().backward()
     assert [op for op, _ in syncs.found] == ["Tensor.tolist"] and sum(syncs.found.values()) == 1
+    layer.gpu_dispatch_on_cpu = True  # grouped GEMMs, padded batch included
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    with HostSyncs() as syncs:
+        out = layer(torch.randn(2, 6, 16, requires_grad=True), mask)
+        (out.sum() + layer.last_aux_loss + layer.last_z_loss).backward()
+    assert not syncs.found, syncs.report()
 
 
 def test_capacity_drops_exactly_the_overflow():
