@@ -44,11 +44,13 @@ EOF
 }
 
 part_tests() {
-  # The CUDA-only tests, the one never run yet first; DeepSpeed is not in the image.
+  # The CUDA-only tests, the ones never run yet first; DeepSpeed is not in the image.
   timeout 400 $PY -m pytest -q -p no:cacheprovider \
+    "tests/models/test_moe.py::test_dropless_routing_on_a_gpu_equals_the_gather" \
+    "tests/test_step_syncs.py::test_cuda_training_steps_never_synchronize[moe-dropless]" \
     "tests/callbacks/test_memory.py::test_cuda_peak_is_each_runs_own_in_one_process" \
     tests/strategies/test_gpu.py tests/callbacks tests/test_step_syncs.py \
-    tests/models/test_fused_cross_entropy.py -k "cuda or gpu" 2>&1 | tail -25
+    tests/models/test_fused_cross_entropy.py tests/models/test_moe.py -k "cuda or gpu" 2>&1 | tail -25
 }
 
 # One short run of the recipe per variant; the summary is the record's `throughput`.
