@@ -113,8 +113,9 @@ def test_capacity_buffers_equal_the_per_expert_gather(router, capacity_factor):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_grouped_gemms_equal_the_per_expert_gather(kind, bias, top_k):
-    # Dropless routing dispatched both ways, with masked tokens (they join the last group with
-    # a zero gate): the same outputs and gradients for the input and every expert parameter.
+    # Dropless routing dispatched both ways, with masked tokens (they join the last group as
+    # zero rows with a zero gate, whatever the pad positions hold: inf here): the same outputs
+    # and gradients for the input and every parameter, router included.
     torch.manual_seed(0)
     layer = MoEFeedForward(16, 24, kind, n_experts=4, top_k=top_k, bias=bias).train()
     torch.nn.init.normal_(layer.router.weight, std=1.0)
@@ -122,6 +123,7 @@ def test_grouped_gemms_equal_the_per_expert_gather(kind, bias, top_k):
     mask = torch.ones(20, dtype=torch.bool)
     mask[15:] = False
     routing = route_top_k(torch.softmax(layer.router(x).float(), dim=-1), top_k, None, mask)[0]
+    x = torch.cat([x[:15], torch.full((5, 16), float("inf"))])
     assert layer._grouped_experts()
     results = []
     for dispatch in (layer._dispatch_grouped, layer._dispatch_gather):
@@ -129,6 +131,7 @@ def test_grouped_gemms_equal_the_per_expert_gather(kind, bias, top_k):
         grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()],
                                     retain_graph=True)
         results.append((out.detach(), *grads))
+    assert all(torch.isfinite(t).all() for t in results[0])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert torch.equal(results[0][0][15:], torch.zeros(5, 16))
@@ -176,26 +179,39 @@ def test_the_gpu_dispatch_compiles_without_a_graph_break(capacity_factor):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dropless_routing_on_a_gpu_equals_the_gather():
-    """Where torch's grouped bf16 kernel runs (compute capability 9/10) dropless routing takes
-    it, with the gather's outputs and gradients (to bf16 rounding); elsewhere the gather."""
+    """On a Hopper GPU dropless routing takes torch's grouped bf16 kernel, with the gather's
+    outputs and gradients (to bf16 rounding), padded positions holding inf included, and an
+    expert without tokens gets an exactly zero gradient (pytorch#172439 saw garbage there on
+    a B200)."""
     from lmlab.models.layers.moe import _grouped_kernel_on
 
     torch.manual_seed(0)
     layer = MoEFeedForward(64, 128, "swiglu", n_experts=4, top_k=2).cuda().train()
-    x = torch.randn(256, 64, device="cuda", requires_grad=True)
+    x = torch.randn(256, 64, device="cuda")
+    x[-8:] = float("inf")  # padded positions
+    x.requires_grad_()
+    mask = torch.ones(256, dtype=torch.bool, device="cuda")
+    mask[-8:] = False
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert layer._grouped(x) == _grouped_kernel_on(x.device)
-        if not layer._grouped(x):
-            return  # this GPU gathers (the other tests check that path)
-        routing = route_top_k(torch.softmax(layer.router(x).float(), dim=-1), 2)[0]
+        if not _grouped_kernel_on(x.device):
+            assert not layer._grouped(x)
+            pytest.skip("not a Hopper GPU: dropless routing gathers here")
+        assert layer._grouped(x)
+        probs = torch.softmax(layer.router(torch.where(mask[:, None], x, 0)).float(), dim=-1)
+        probs = probs.detach().clone()
+        probs[:, 3] = 0.0  # expert 3 never chosen
+        routing = route_top_k(probs, 2, None, mask)[0]
         results = []
         for dispatch in (layer._dispatch_grouped, layer._dispatch_gather):
             out = dispatch(x, routing)
-            grads = torch.autograd.grad(out.float().square().sum(), [x, *layer.parameters()],
-                                        retain_graph=True)
-            results.append((out.float(), *grads))
+            params = list(layer.experts.parameters())
+            grads = torch.autograd.grad(out[:-8].float().square().sum(), [x, *params])
+            results.append((out.float(), grads[0][:-8], *grads[1:]))
+    assert torch.isfinite(results[0][0]).all() and not results[0][0][-8:].any()
     for a, b in zip(*results, strict=True):
         assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3
+    unused = len(list(layer.experts[3].parameters()))  # the last expert's, listed last
+    assert not any(g.any() for g in results[0][-unused:])
 
 
 def test_adapted_experts_take_the_gather():
@@ -203,6 +219,9 @@ def test_adapted_experts_take_the_gather():
 
     layer = _moe(capacity_factor=None)
     assert layer._grouped_experts()
+    handle = layer.experts[1].register_forward_hook(lambda module, args, out: out)
+    assert not layer._grouped_experts()  # a hook on an expert would be bypassed
+    handle.remove()
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["up_proj"]), layer)
     assert not layer._grouped_experts()
     layer.gpu_dispatch_on_cpu = True

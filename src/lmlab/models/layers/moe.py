@@ -9,10 +9,9 @@ but lets a token's routing depend on later tokens of the batch, so it is not cau
 
 Routing is vectorised. With a capacity (any capacity_factor, and always under expert choice)
 every expert runs on a fixed-size buffer, so a training step never waits for the GPU here.
-Dropless routing in bf16 on a GPU with torch's grouped GEMM kernel (compute capability 9 or
-10: H100, H200, B200) runs every expert in one grouped GEMM per projection (`torch._grouped_mm`,
-assignments sorted by expert, the groups' ends counted on the device), so it reads nothing to
-the host either. Elsewhere dropless routing gathers each expert's tokens and loops over the
+Dropless routing in bf16 on a Hopper GPU (H100, H200: torch's grouped GEMM kernel) runs every
+expert in one grouped GEMM per projection (`torch._grouped_mm`, assignments sorted by expert,
+the groups' ends counted on the device), so it reads nothing to the host either. Elsewhere dropless routing gathers each expert's tokens and loops over the
 experts (`_dispatch_gather`), reading the per-expert counts to the host once per layer: a sync on
 a GPU; on a CPU the read costs nothing and the gather was faster than the grouped form there
 (0.92-0.96x at B·T 2,048, d 384, 8 experts, top-2, fp32).
@@ -165,13 +164,13 @@ class MoEFeedForward(nn.Module):
     `last_load` the per-expert fraction of routing decisions (see `collect_auxiliary_losses`).
 
     With a capacity, a GPU (or a compiled forward) dispatches through fixed-size expert buffers
-    that never wait for the device; without one, in bf16 on a Hopper/Blackwell GPU, through
+    that never wait for the device; without one, in bf16 on a Hopper GPU, through
     grouped GEMMs (`_grouped`: plain experts only, adapted, quantised or hooked ones gather). A
     CPU, where reading the
     counts costs nothing, gathers each expert's kept tokens exactly instead and skips the
     buffers' empty rows (a layer's fwd+bwd at B 8 x T 256, d 384, 8 experts, top-2, factor
     1.25: 150 vs 211 ms). `gpu_dispatch_on_cpu = True` makes a CPU dispatch as a GPU does
-    (tests); every dispatch gives the same outputs for the same routing.
+    (tests); every dispatch gives the same outputs for the same routing, up to rounding.
     """
 
     gpu_dispatch_on_cpu = False
@@ -255,39 +254,43 @@ class MoEFeedForward(nn.Module):
 
     def _grouped(self, x: Tensor) -> bool:
         """Whether dropless routing takes `_dispatch_grouped`: on a GPU where torch's grouped
-        kernel runs (bf16, compute capability 9 or 10, dimensions that keep its rows 16-byte
-        aligned; elsewhere torch would fall back to reading the groups' ends and looping, which
-        the gather does too), plain experts only. On a CPU only with `gpu_dispatch_on_cpu`
+        kernel runs (bf16, compute capability 9, dimensions that keep its rows 16-byte aligned;
+        elsewhere torch would fall back to reading the groups' ends and looping, which the
+        gather does too), plain experts only. On a CPU only with `gpu_dispatch_on_cpu`
         (tests), and in bf16 under torch.compile (its shape rule for the op takes bf16 only)."""
         if not self._grouped_experts():
             return False
         dtype = self._product_dtype(x)
-        if x.device.type == "cpu":
-            return self.gpu_dispatch_on_cpu and (dtype == torch.bfloat16
-                                                 or not torch.compiler.is_compiling())
+        if x.device.type == "cpu":  # the CPU kernel: fp32 or bf16, bf16 only under compile
+            return self.gpu_dispatch_on_cpu and (dtype == torch.bfloat16 or (
+                dtype == torch.float32 and not torch.compiler.is_compiling()))
         expert = self.experts[0]
         return (x.is_cuda and dtype == torch.bfloat16 and _grouped_kernel_on(x.device)
                 and expert.up_proj.in_features % 8 == 0 and expert.up_proj.out_features % 8 == 0)
 
     def _grouped_experts(self) -> bool:
-        """Whether `_dispatch_grouped` computes what the experts would: plain `FeedForward`s of
-        plain `nn.Linear`s (stacked weights would bypass an adapter, a quantised layer or a
-        hook)."""
+        """Whether `_dispatch_grouped` computes what the experts would: unhooked plain
+        `FeedForward`s of plain `nn.Linear`s with weights of one shape, dtype and device
+        (stacked weights would bypass an adapter, a quantised layer or a hook)."""
         return all(
-            type(e) is FeedForward and all(plain_linear(m) for m in e.children())
-            for e in self.experts)
+            type(e) is FeedForward and not e._forward_hooks and not e._forward_pre_hooks
+            and "forward" not in e.__dict__ and all(plain_linear(m) for m in e.children())
+            for e in self.experts) and len({
+                tuple((m.weight.shape, m.weight.dtype, m.weight.device, m.bias is None)
+                      for m in e.children()) for e in self.experts}) == 1
 
     def _dispatch_grouped(self, x: Tensor, routing: Routing) -> Tensor:
         """Dropless routing without a host read: the assignments sorted by expert, each
         projection one `torch._grouped_mm` over the experts' stacked weights, the groups' ends
-        counted on the device. Unkept assignments (masked tokens) join the last group with a
-        zero gate: every row of a grouped product is then computed (rows past the last end
-        would be left uninitialised, forward and backward), and none of them is read back."""
+        counted on the device. Unkept assignments (masked tokens) join the last group as zero
+        rows with a zero gate: every row of a grouped product is then computed (rows past the
+        last end would be left uninitialised, forward and backward) and finite whatever a pad
+        position holds, and none of them is read back."""
         E = self.n_experts
         group = torch.where(routing.keep, routing.expert, E - 1)
         order = group.argsort(stable=True)
-        token, group = routing.token[order], group[order]
-        gate = (routing.gate * routing.keep)[order]
+        token, group, kept = routing.token[order], group[order], routing.keep[order]
+        gate = torch.where(routing.keep, routing.gate, 0)[order]  # where: a pad's gate may be nan
         ends = (torch.zeros(E, dtype=torch.long, device=x.device)
                 .scatter_add_(0, group, torch.ones_like(group)).cumsum(0).to(torch.int32))
         # torch's grouped kernel is not on autocast's lists: the products take autocast's
@@ -299,14 +302,14 @@ class MoEFeedForward(nn.Module):
             layers = [getattr(e, name) for e in self.experts]
             # [E, d_in, d_out] as a transposed view of the stacked [E, d_out, d_in] weights:
             # the column-major layout the grouped kernel takes.
-            weight = torch.stack([m.weight for m in layers]).to(dtype).transpose(1, 2)
+            weight = torch.stack([m.weight.to(dtype) for m in layers]).transpose(1, 2)
             out = torch._grouped_mm(rows, weight, offs=ends)
             if layers[0].bias is not None:
-                out = out + torch.stack([m.bias for m in layers]).to(dtype)[group]
+                out = out + torch.stack([m.bias.to(dtype) for m in layers])[group]
             return out
 
         with torch.autocast(x.device.type, enabled=False):
-            rows = x[token].to(dtype)
+            rows = torch.where(kept[:, None], x[token], 0).to(dtype)
             up = product(rows, "up_proj")
             if kind == "swiglu":
                 hidden = F.silu(product(rows, "gate_proj")) * up
@@ -357,9 +360,11 @@ class MoEFeedForward(nn.Module):
 
 @torch.compiler.assume_constant_result
 def _grouped_kernel_on(device: torch.device) -> bool:
-    """Whether torch has its grouped bf16 GEMM kernel for this CUDA device (Hopper and
-    Blackwell data-center GPUs: compute capability 9.x or 10.x)."""
-    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    """Whether torch has its grouped bf16 GEMM kernel for this CUDA device and lmlab takes it:
+    Hopper (compute capability 9.x). torch also has one for Blackwell (10.x), left out until
+    checked there: pytorch#172439 reports garbage weight gradients for experts without tokens
+    on a B200."""
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
