@@ -11,10 +11,11 @@ Routing is vectorised. With a capacity (any capacity_factor, and always under ex
 every expert runs on a fixed-size buffer, so a training step never waits for the GPU here.
 Dropless routing in bf16 on a Hopper GPU (H100, H200: torch's grouped GEMM kernel) runs every
 expert in one grouped GEMM per projection (`torch._grouped_mm`, assignments sorted by expert,
-the groups' ends counted on the device), so it reads nothing to the host either. Elsewhere dropless routing gathers each expert's tokens and loops over the
-experts (`_dispatch_gather`), reading the per-expert counts to the host once per layer: a sync on
-a GPU; on a CPU the read costs nothing and the gather was faster than the grouped form there
-(0.92-0.96x at B·T 2,048, d 384, 8 experts, top-2, fp32).
+the groups' ends counted on the device), so it reads nothing to the host either. Elsewhere
+dropless routing gathers each expert's tokens and loops over the experts (`_dispatch_gather`),
+reading the per-expert counts to the host once per layer: a sync on a GPU; on a CPU the read
+costs nothing and the gather was faster than the grouped form there (0.92-0.96x at B·T 2,048,
+d 384, 8 experts, top-2, fp32).
 """
 
 from __future__ import annotations
@@ -164,12 +165,11 @@ class MoEFeedForward(nn.Module):
     `last_load` the per-expert fraction of routing decisions (see `collect_auxiliary_losses`).
 
     With a capacity, a GPU (or a compiled forward) dispatches through fixed-size expert buffers
-    that never wait for the device; without one, in bf16 on a Hopper GPU, through
-    grouped GEMMs (`_grouped`: plain experts only, adapted, quantised or hooked ones gather). A
-    CPU, where reading the
-    counts costs nothing, gathers each expert's kept tokens exactly instead and skips the
-    buffers' empty rows (a layer's fwd+bwd at B 8 x T 256, d 384, 8 experts, top-2, factor
-    1.25: 150 vs 211 ms). `gpu_dispatch_on_cpu = True` makes a CPU dispatch as a GPU does
+    that never wait for the device; without one, in bf16 on a Hopper GPU, through grouped
+    GEMMs (`_grouped`: plain experts only, adapted, quantised or hooked ones gather). A CPU,
+    where reading the counts costs nothing, gathers each expert's kept tokens exactly instead
+    and skips the buffers' empty rows (a layer's fwd+bwd at B 8 x T 256, d 384, 8 experts,
+    top-2, factor 1.25: 150 vs 211 ms). `gpu_dispatch_on_cpu = True` makes a CPU dispatch as a GPU does
     (tests); every dispatch gives the same outputs for the same routing, up to rounding.
     """
 
